@@ -1,0 +1,41 @@
+# Two-command quick start: `make demo` and `make test` work on a fresh clone (they create .venv).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONSTRAINTS := requirements/constraints.txt
+PIP := $(BIN)/pip install --disable-pip-version-check -q -c $(CONSTRAINTS)
+# The CLIP BPE vocabulary (MIT, OpenAI) ships inside the open_clip_torch wheel; installed without
+# its dependencies it is just a data file that addinov3_jax.tokenizer finds (open_clip is never imported).
+VOCAB_PKG := open_clip_torch==3.3.0
+
+.PHONY: demo test lint bench install install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(PIP) -e .
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps $(VOCAB_PKG)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) -e '.[test,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	$(BIN)/addinov3 demo
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q tests
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

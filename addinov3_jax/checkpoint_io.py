@@ -1,0 +1,136 @@
+"""Converted checkpoint directories: `params.safetensors` + a self-describing `addinov3.json`.
+
+A converted directory holds the flat parameters of one model (keys are the NNX attribute paths,
+e.g. `blocks.attn.qkv.kernel`) and JSON metadata: architecture, variant, full config, source
+format, source SHA-256, parameter count and file checksums. It loads with `load(path)` alone and
+needs neither torch nor the original file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+METADATA_FILE = "addinov3.json"
+PARAMS_FILE = "params.safetensors"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as is; the message says why and what to do."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
+    """All variables of `model` (params and buffers) as `{dotted.path: array}`."""
+    return {
+        ".".join(map(str, path)): np.asarray(var.get_value())
+        for path, var in nnx.to_flat_state(nnx.state(model))
+    }
+
+
+def describe_mismatch(
+    expected: dict[str, tuple[int, ...]], actual: dict[str, tuple[int, ...]], limit: int = 5
+) -> str:
+    """Human-readable list of missing, unexpected and mis-shaped keys ('' when they agree)."""
+    missing = [k for k in expected if k not in actual]
+    unexpected = [k for k in actual if k not in expected]
+    misshaped = [
+        f"{k}: expected {expected[k]}, got {actual[k]}"
+        for k in expected
+        if k in actual and tuple(expected[k]) != tuple(actual[k])
+    ]
+    parts = []
+    for name, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if items:
+            shown = "; ".join(items[:limit])
+            more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{len(items)} {name} key(s): {shown}{more}")
+    return "\n  ".join(parts)
+
+
+def assign(model: nnx.Module, params: dict[str, np.ndarray], *, source: str) -> None:
+    """Writes `params` into `model` in place, refusing any key or shape mismatch."""
+    flat = nnx.to_flat_state(nnx.state(model))
+    expected = {".".join(map(str, p)): tuple(v.get_value().shape) for p, v in flat}
+    actual = {k: tuple(np.shape(v)) for k, v in params.items()}
+    problem = describe_mismatch(expected, actual)
+    if problem:
+        raise CheckpointError(f"{source}: parameters do not fit the model:\n  {problem}")
+    for path, var in flat:
+        value = params[".".join(map(str, path))]
+        var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
+
+
+def write(
+    directory: str | os.PathLike,
+    params: dict[str, np.ndarray],
+    metadata: dict[str, Any],
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """Writes a converted directory; `metadata` gets the format version and checksums added."""
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {k: np.ascontiguousarray(v) for k, v in params.items()}
+    save_file(arrays, str(directory / PARAMS_FILE))
+    files = {PARAMS_FILE: sha256_file(directory / PARAMS_FILE)}
+    for name, data in (extra_files or {}).items():
+        (directory / name).write_bytes(data)
+        files[name] = hashlib.sha256(data).hexdigest()
+    meta = {"format_version": FORMAT_VERSION, **metadata, "files": files}
+    (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def is_converted(path: str | os.PathLike) -> bool:
+    return (Path(path) / METADATA_FILE).is_file()
+
+
+def read(
+    directory: str | os.PathLike, architecture: str, *, verify: bool = True
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Reads a converted directory written by `write`, checking architecture and checksums."""
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    meta_path = directory / METADATA_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: unreadable metadata ({e}); re-run `addinov3 convert`") from e
+    if meta.get("architecture") != architecture:
+        raise CheckpointError(
+            f"{directory}: holds a {meta.get('architecture')!r} checkpoint, expected {architecture!r}"
+        )
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{directory}: written by a newer addinov3-jax; upgrade the package")
+    if verify:
+        for name, digest in meta.get("files", {}).items():
+            if not (directory / name).is_file():
+                raise CheckpointError(f"{directory / name}: missing; re-run `addinov3 convert`")
+            if sha256_file(directory / name) != digest:
+                raise CheckpointError(
+                    f"{directory / name}: checksum mismatch (corrupt or modified); "
+                    "re-run `addinov3 convert`"
+                )
+    try:
+        params = load_file(str(directory / PARAMS_FILE))
+    except Exception as e:  # safetensors raises several types for truncated files
+        raise CheckpointError(f"{directory / PARAMS_FILE}: unreadable ({e})") from e
+    return params, meta

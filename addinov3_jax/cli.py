@@ -1,0 +1,145 @@
+"""The `addinov3` command line: parses and dispatches; the work lives in the library modules."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+NOT_YET = {
+    "train": "training (sharded optax steps, orbax checkpoints) has not landed yet (issue #7)",
+    "eval": "zero-shot evaluation has not landed yet (issue #8)",
+    "predict": "prediction on your own images has not landed yet (issue #8)",
+    "data": "dataset readers and TFDS / grain pipelines have not landed yet (issue #6)",
+    "convert adapters": "conversion of official adapter checkpoints has not landed yet (issue #5)",
+}
+
+
+def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(_: argparse.Namespace) -> int:
+        print(f"addinov3 {name}: not available: {NOT_YET[name]}.", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def _convert(args: argparse.Namespace) -> int:
+    if args.kind == "dinov3":
+        from addinov3_jax.weight_conversion import dinov3 as conv
+
+        meta = conv.convert(args.source, args.output, variant=args.variant,
+                            num_heads=args.num_heads)
+    elif args.kind == "clip-text":
+        from addinov3_jax.weight_conversion import clip_text as conv
+
+        meta = conv.convert(args.source, args.output, variant=args.variant,
+                            activation=args.activation, vocab=args.vocab)
+    else:
+        return _not_yet("convert adapters")(args)
+    print(f"wrote {args.output}: {meta['architecture']} {meta['variant']} "
+          f"({meta['param_count']:,} parameters, from {meta['source_format']})")
+    return 0
+
+
+def _parity(args: argparse.Namespace) -> int:
+    from addinov3_jax import parity
+
+    if (args.source is None) == (args.random is None):
+        print("addinov3 parity: give exactly one of --source PATH or --random VARIANT",
+              file=sys.stderr)
+        return 2
+    if args.kind == "dinov3":
+        size = tuple(int(s) for s in args.image_size.split(","))
+        ok = parity.dinov3(source=args.source, random_variant=args.random,
+                           image_size=size if len(size) == 2 else size * 2, seed=args.seed,
+                           batch=args.batch, atol=args.atol)
+    else:
+        ok = parity.clip_text(source=args.source, random_variant=args.random,
+                              activation=args.activation, seed=args.seed, atol=args.atol)
+    return 0 if ok else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from addinov3_jax import demo
+
+    return demo.run(workdir=args.workdir, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="addinov3",
+        description="AD-DINOv3 zero-shot anomaly detection in JAX (frozen DINOv3 + CLIP text).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("convert", help="convert PyTorch / Hugging Face weights to a converted dir",
+                       description="Convert a checkpoint; the format is auto-detected.")
+    p.add_argument("kind", choices=["dinov3", "clip-text", "adapters"])
+    p.add_argument("--source", required=True,
+                   help="official .pth/.pt, HF directory, .safetensors or OpenCLIP file")
+    p.add_argument("--output", required=True, help="directory to write")
+    p.add_argument("--variant", default=None, help="expected variant (default: auto-detect)")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="dinov3: heads of a custom model whose shapes match no variant")
+    p.add_argument("--activation", choices=["gelu", "quick_gelu"], default=None,
+                   help="clip-text: MLP activation stored in the metadata (default: per source)")
+    p.add_argument("--vocab", default=None,
+                   help="clip-text: bpe_simple_vocab_16e6.txt.gz to store beside the weights")
+    p.set_defaults(run=_convert)
+
+    p = sub.add_parser("parity", help="per-layer error table against the PyTorch reference",
+                       description="Runs transformers' model and ours on the same input; exits "
+                                   "non-zero past the tolerance. Needs the `test` extra.")
+    p.add_argument("kind", choices=["dinov3", "clip-text"])
+    p.add_argument("--source", default=None, help="checkpoint to compare (any supported format)")
+    p.add_argument("--random", default=None, metavar="VARIANT",
+                   help="compare randomly initialised models of this variant (no file needed)")
+    p.add_argument("--image-size", default="224", help="dinov3: H or H,W (default 224)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--activation", choices=["gelu", "quick_gelu"], default="quick_gelu",
+                   help="clip-text with --random: activation of both towers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--atol", type=float, default=None, help="tolerance (default per model)")
+    p.set_defaults(run=_parity)
+
+    for name, help_text in (("train", "train the adapters (configs/<name>.py)"),
+                            ("eval", "zero-shot evaluation, writes results.json / results.md")):
+        p = sub.add_parser(name, help=help_text, description=NOT_YET[name])
+        p.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
+        p.add_argument("--workdir", required=True)
+        p.set_defaults(run=_not_yet(name))
+
+    p = sub.add_parser("predict", help="anomaly maps for your own images",
+                       description=NOT_YET["predict"])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--class-name", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.set_defaults(run=_not_yet("predict"))
+
+    p = sub.add_parser("data", help="build / inspect datasets", description=NOT_YET["data"])
+    p.add_argument("action", nargs="?", default=None)
+    p.set_defaults(run=_not_yet("data"))
+
+    p = sub.add_parser("demo", help="the embedded default: runs end to end with no downloads")
+    p.add_argument("--workdir", default="demo_out")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except Exception as e:  # user-facing errors: one clear line, no stack trace
+        from addinov3_jax.checkpoint_io import CheckpointError
+
+        if isinstance(e, CheckpointError | FileNotFoundError):
+            print(f"addinov3 {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

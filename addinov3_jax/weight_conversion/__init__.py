@@ -1,0 +1,1 @@
+"""Checkpoint conversion from PyTorch / Hugging Face formats (torch only needed for `.pth`)."""

@@ -1,0 +1,149 @@
+"""Reading source checkpoints into `{key: float32 numpy array}` dicts.
+
+This is the only place that imports torch (lazily, for `.pth` / `.pt` / `.bin` files); safetensors
+files and Hugging Face directories are read without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from addinov3_jax.checkpoint_io import CheckpointError
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+def _to_numpy(value: Any) -> np.ndarray | None:
+    """A tensor-like as a numpy array (floats upcast to float32); None for non-tensors."""
+    if hasattr(value, "detach"):  # torch.Tensor
+        t = value.detach().cpu()
+        if t.is_floating_point():
+            t = t.float()
+        return t.numpy()
+    if hasattr(value, "dtype") and hasattr(value, "shape"):
+        arr = np.asarray(value)
+        if np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16":
+            arr = arr.astype(np.float32)
+        return arr
+    return None
+
+
+def load_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A PyTorch state dict or TorchScript archive as numpy arrays (needs the `convert` extra)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointError(
+            f"{path}: reading PyTorch files needs torch; install it with "
+            "`pip install 'addinov3-jax[convert]'` (or convert a .safetensors file instead)"
+        ) from e
+    path = str(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as first:  # noqa: BLE001 - maybe a TorchScript archive (OpenAI CLIP)
+        try:
+            obj = torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception:  # noqa: BLE001
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint ({type(first).__name__}: {first}). "
+                "Is the file truncated? Compare its size / SHA-256 with the download page."
+            ) from first
+    return unwrap(obj, path)
+
+
+def unwrap(obj: Any, path: str) -> dict[str, np.ndarray]:
+    """Strips `{'state_dict': ...}` / `{'model': ...}` wrappers and `module.` prefixes."""
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    out = {}
+    for k, v in obj.items():
+        arr = _to_numpy(v)
+        if arr is None:
+            continue
+        if k.startswith("module."):
+            k = k[len("module.") :]
+        out[k] = arr
+    if not out:
+        raise CheckpointError(f"{path}: contains no tensors")
+    return out
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A `.safetensors` file as float32 numpy arrays (bf16 / fp16 upcast), without torch."""
+    from safetensors import safe_open
+
+    try:
+        out = {}
+        with safe_open(str(path), framework="flax") as f:
+            for k in f.keys():
+                out[k] = _to_numpy(f.get_tensor(k))
+        return out
+    except Exception as e:  # noqa: BLE001 - safetensors raises several error types
+        raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from e
+
+
+def load_hf_dir(directory: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Weights and `config.json` of a Hugging Face model directory (single or sharded)."""
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        sd: dict[str, np.ndarray] = {}
+        for shard in shards:
+            sd.update(load_safetensors(directory / shard))
+        return sd, config
+    if (directory / "model.safetensors").is_file():
+        return load_safetensors(directory / "model.safetensors"), config
+    for name in ("pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        if (directory / name).is_file():
+            return load_torch(directory / name), config
+    if (directory / "open_clip_model.safetensors").is_file():
+        return load_safetensors(directory / "open_clip_model.safetensors"), config
+    raise CheckpointError(
+        f"{directory}: no model.safetensors, sharded index or pytorch_model.bin found"
+    )
+
+
+def load_any(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any], str]:
+    """Reads a file or HF directory. Returns (state dict, HF config or {}, container kind)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir():
+        sd, config = load_hf_dir(path)
+        return sd, config, "directory"
+    if path.suffix == ".safetensors":
+        return load_safetensors(path), {}, "safetensors"
+    if path.suffix in TORCH_SUFFIXES:
+        return load_torch(path), {}, "torch"
+    raise CheckpointError(
+        f"{path}: unknown checkpoint type; expected a converted directory, a Hugging Face "
+        f"directory, a .safetensors file or one of {', '.join(TORCH_SUFFIXES)}"
+    )
+
+
+def source_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, or of the sorted weight files of a directory."""
+    import hashlib
+
+    from addinov3_jax.checkpoint_io import sha256_file
+
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".json"):
+            h.update(f.name.encode())
+            h.update(sha256_file(f).encode())
+    return h.hexdigest()
