@@ -1,0 +1,134 @@
+"""`addinov3 parity`: per-layer error tables of our towers against the transformers references.
+
+Needs the `test` extra (torch + transformers); the package itself never imports torch elsewhere.
+Everything runs in fp32 with `jax.default_matmul_precision("highest")`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+DEFAULT_ATOL = {"dinov3": 1e-4, "clip-text": 1e-4}
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    max_abs: float
+    max_rel: float
+    cosine: float
+    ref_max: float
+
+
+def compare(name: str, ours, ref) -> Row:
+    a = np.asarray(ours, np.float64).reshape(-1)
+    b = np.asarray(ref, np.float64).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"{name}: shape mismatch, ours {np.shape(ours)} vs reference {np.shape(ref)}")
+    diff = np.abs(a - b)
+    cos = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+    return Row(name, float(diff.max()), float((diff / np.maximum(np.abs(b), 1e-6)).max()), cos,
+               float(np.abs(b).max()))
+
+
+def print_table(title: str, rows: list[Row], atol: float) -> bool:
+    """Prints the table; a row passes when max_abs <= atol * max(1, max|ref|)."""
+    print(title)
+    print(f"{'output':<22}{'max abs':>12}{'max rel':>12}{'cosine':>14}{'max |ref|':>12}  ok")
+    ok = True
+    for r in rows:
+        good = r.max_abs <= atol * max(1.0, r.ref_max)
+        ok &= good
+        print(f"{r.name:<22}{r.max_abs:>12.3e}{r.max_rel:>12.3e}{r.cosine:>14.9f}"
+              f"{r.ref_max:>12.4g}  {'yes' if good else 'NO'}")
+    print(f"tolerance: max abs <= {atol:g} x max(1, max|ref|): {'PASS' if ok else 'FAIL'}")
+    return ok
+
+
+def _torch():
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise SystemExit(
+            "addinov3 parity needs torch and transformers: pip install 'addinov3-jax[test]'"
+        ) from e
+    return torch, transformers
+
+
+def randomize_torch(module, seed: int) -> None:
+    """Gives every parameter a random non-trivial value (norms around 1, LayerScale around 0.5)."""
+    torch, _ = _torch()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            elif "lambda1" in name or name.endswith("gamma"):
+                p.copy_(0.5 + 0.1 * noise)
+            elif p.ndim == 1:
+                p.copy_(0.1 * noise)
+            elif "embedding" in name or "token" in name:
+                p.copy_(0.5 * noise)
+            else:
+                p.copy_(noise / np.sqrt(p.shape[-1]))
+
+
+def _state_dict_numpy(module) -> dict[str, np.ndarray]:
+    return {k: v.detach().float().numpy() for k, v in module.state_dict().items()}
+
+
+def dinov3(*, source=None, random_variant=None, image_size=(224, 224), seed=0, batch=2,
+           atol=None) -> bool:
+    """Compares our DINOv3 with transformers' `DINOv3ViTModel` on one random batch."""
+    torch, transformers = _torch()
+    from addinov3_jax import checkpoint_io
+    from addinov3_jax import dinov3 as d3
+    from addinov3_jax.weight_conversion import dinov3 as conv
+
+    if source is not None:
+        model = d3.load(source)
+        cfg = model.config
+        sd = conv.params_to_official(checkpoint_io.flat_params(model), cfg)
+        title = f"DINOv3 parity: {source}"
+    else:
+        cfg = d3.get_config(random_variant)
+        title = f"DINOv3 parity: random {random_variant}"
+        sd = None
+    ref = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**conv.hf_config(cfg))).eval()
+    if sd is None:
+        randomize_torch(ref, seed)
+        sd = conv.hf_to_official(_state_dict_numpy(ref))
+        sd["rope_embed.periods"] = d3.exact_periods(cfg.head_dim, cfg.rope_base)
+        model = d3.create(cfg, rngs=__import__("flax").nnx.Rngs(seed))
+        checkpoint_io.assign(model, conv.official_to_params(sd, cfg), source="random")
+    else:
+        hf_sd = {k: torch.from_numpy(v) for k, v in conv.official_to_hf(sd).items()}
+        ref.load_state_dict(hf_sd, strict=False)
+    # Use the same periods on both sides (the official ones when the checkpoint stores them).
+    periods = np.asarray(model.rope_periods[...], np.float32)
+    ref.rope_embeddings.inv_freq.copy_(torch.from_numpy(1.0 / periods))
+
+    h, w = image_size
+    x = np.random.default_rng(seed).standard_normal((batch, h, w, 3)).astype(np.float32)
+    with torch.no_grad():
+        out = ref(torch.from_numpy(x.transpose(0, 3, 1, 2)), output_hidden_states=True)
+        hidden = [ref.norm(t).numpy() for t in out.hidden_states[1:]]
+    with jax.default_matmul_precision("highest"):
+        ours = model(x)
+        inter = model.get_intermediate_layers(x, n=cfg.depth, return_class_token=True,
+                                              return_extra_tokens=True)
+    r = 1 + cfg.num_registers
+    last = out.last_hidden_state.numpy()
+    rows = [compare("cls", ours["x_norm_clstoken"], last[:, 0]),
+            compare("registers", ours["x_storage_tokens"], last[:, 1:r]),
+            compare("patches", ours["x_norm_patchtokens"], last[:, r:]),
+            compare("prenorm", ours["x_prenorm"], out.hidden_states[-1].numpy())]
+    for i, (patches, cls, extra) in enumerate(inter):
+        got = np.concatenate([np.asarray(cls)[:, None], np.asarray(extra), np.asarray(patches)], 1)
+        rows.append(compare(f"block {i} (normed)", got, hidden[i]))
+    return print_table(f"{title}, input {batch}x{h}x{w}", rows, atol or DEFAULT_ATOL["dinov3"])
