@@ -203,48 +203,12 @@ def apply_rope(x_bnhd: jax.Array, sin_nd: jax.Array, cos_nd: jax.Array) -> jax.A
 # Modules. Block parameters carry a leading `layers` axis of size `num_layers`.
 
 
-class LayerNorm(nnx.Module):
-    def __init__(self, dim: int, lead: tuple[int, ...], *, eps: float, rngs: nnx.Rngs):
-        lead_axes = ("layers",) * len(lead)
-        self.scale = layers.param(rngs, layers.ones, (*lead, dim), (*lead_axes, "embed"))
-        self.bias = layers.param(rngs, layers.zeros, (*lead, dim), (*lead_axes, "embed"))
-        self.eps = eps
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return layers.layer_norm(x, self.scale[...], self.bias[...], self.eps)
-
-
-class Linear(nnx.Module):
-    """`y = x @ kernel + bias`; kernel (in, out) like Flax, i.e. the torch weight transposed."""
-
-    def __init__(
-        self,
-        din: int,
-        dout: int,
-        axes: tuple[str, str],
-        lead: tuple[int, ...],
-        *,
-        bias: bool = True,
-        rngs: nnx.Rngs,
-    ):
-        lead_axes = ("layers",) * len(lead)
-        self.kernel = layers.param(
-            rngs, layers.trunc_normal(0.02), (*lead, din, dout), (*lead_axes, *axes)
-        )
-        self.bias = (
-            layers.param(rngs, layers.zeros, (*lead, dout), (*lead_axes, axes[1])) if bias else None
-        )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return layers.dense(x, self.kernel[...], None if self.bias is None else self.bias[...])
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: Config, lead: tuple[int, ...], *, rngs: nnx.Rngs):
         d = cfg.embed_dim
         # Fused qkv (rows q, k, v of the torch weight); the key third of the bias is never applied.
-        self.qkv = Linear(d, 3 * d, ("embed", "qkv"), lead, bias=cfg.qkv_bias, rngs=rngs)
-        self.proj = Linear(d, d, ("qkv_out", "embed"), lead, rngs=rngs)
+        self.qkv = layers.Linear(d, 3 * d, ("embed", "qkv"), lead, bias=cfg.qkv_bias, rngs=rngs)
+        self.proj = layers.Linear(d, d, ("qkv_out", "embed"), lead, rngs=rngs)
         self.num_heads = cfg.num_heads
 
     def __call__(self, x_bnd: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
@@ -264,8 +228,8 @@ class Attention(nnx.Module):
 class Mlp(nnx.Module):
     def __init__(self, cfg: Config, lead: tuple[int, ...], *, rngs: nnx.Rngs):
         d, h = cfg.embed_dim, cfg.ffn_hidden
-        self.fc1 = Linear(d, h, ("embed", "mlp"), lead, rngs=rngs)
-        self.fc2 = Linear(h, d, ("mlp", "embed"), lead, rngs=rngs)
+        self.fc1 = layers.Linear(d, h, ("embed", "mlp"), lead, rngs=rngs)
+        self.fc2 = layers.Linear(h, d, ("mlp", "embed"), lead, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(layers.gelu_exact(self.fc1(x)))
@@ -274,9 +238,9 @@ class Mlp(nnx.Module):
 class SwiGLU(nnx.Module):
     def __init__(self, cfg: Config, lead: tuple[int, ...], *, rngs: nnx.Rngs):
         d, h = cfg.embed_dim, cfg.ffn_hidden
-        self.w1 = Linear(d, h, ("embed", "mlp"), lead, rngs=rngs)
-        self.w2 = Linear(d, h, ("embed", "mlp"), lead, rngs=rngs)
-        self.w3 = Linear(h, d, ("mlp", "embed"), lead, rngs=rngs)
+        self.w1 = layers.Linear(d, h, ("embed", "mlp"), lead, rngs=rngs)
+        self.w2 = layers.Linear(d, h, ("embed", "mlp"), lead, rngs=rngs)
+        self.w3 = layers.Linear(h, d, ("mlp", "embed"), lead, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.w3(jax.nn.silu(self.w1(x)) * self.w2(x))
@@ -291,11 +255,11 @@ class Block(nnx.Module):
     def __init__(self, cfg: Config, lead: tuple[int, ...] = (), *, rngs: nnx.Rngs):
         d = cfg.embed_dim
         lead_axes = ("layers",) * len(lead)
-        self.norm1 = LayerNorm(d, lead, eps=cfg.layer_norm_eps, rngs=rngs)
+        self.norm1 = layers.LayerNorm(d, lead, eps=cfg.layer_norm_eps, rngs=rngs)
         self.attn = Attention(cfg, lead, rngs=rngs)
         self.ls1 = layers.param(rngs, nnx.initializers.constant(1e-5), (*lead, d),
                                 (*lead_axes, "embed"))
-        self.norm2 = LayerNorm(d, lead, eps=cfg.layer_norm_eps, rngs=rngs)
+        self.norm2 = layers.LayerNorm(d, lead, eps=cfg.layer_norm_eps, rngs=rngs)
         self.mlp = Mlp(cfg, lead, rngs=rngs) if cfg.ffn == "mlp" else SwiGLU(cfg, lead, rngs=rngs)
         self.ls2 = layers.param(rngs, nnx.initializers.constant(1e-5), (*lead, d),
                                 (*lead_axes, "embed"))
@@ -333,9 +297,9 @@ class DinoV3(nnx.Module):
         )
         self.mask_token = layers.param(rngs, layers.zeros, (1, d), (None, "embed"))
         self.blocks = Block(cfg, (cfg.depth,), rngs=rngs)
-        self.norm = LayerNorm(d, (), eps=cfg.layer_norm_eps, rngs=rngs)
+        self.norm = layers.LayerNorm(d, (), eps=cfg.layer_norm_eps, rngs=rngs)
         if cfg.local_cls_norm:
-            self.local_cls_norm = LayerNorm(d, (), eps=cfg.layer_norm_eps, rngs=rngs)
+            self.local_cls_norm = layers.LayerNorm(d, (), eps=cfg.layer_norm_eps, rngs=rngs)
         self.rope_periods = RopePeriods(jnp.asarray(exact_periods(cfg.head_dim, cfg.rope_base)))
 
     # -- internals -------------------------------------------------------------------------
@@ -361,25 +325,7 @@ class DinoV3(nnx.Module):
         self, x: jax.Array, sin: jax.Array, cos: jax.Array, taps: Sequence[int]
     ) -> tuple[jax.Array, list[jax.Array]]:
         """Runs all blocks; returns the last output and the raw outputs of the `taps` blocks."""
-        graphdef, state = nnx.split(self.blocks)
-
-        def one(x, layer_state):
-            return nnx.merge(graphdef, layer_state)(x, sin, cos)
-
-        outputs, start = [], 0
-        for stop in [*(t + 1 for t in taps), self.config.depth]:
-            if stop <= start:
-                continue
-            segment = jax.tree.map(lambda a, s=start, e=stop: a[s:e], state)
-            if self.scan_layers:
-                x, _ = jax.lax.scan(lambda c, s: (one(c, s), None), x, segment)
-            else:
-                for i in range(stop - start):
-                    x = one(x, jax.tree.map(lambda a, i=i: a[i], segment))
-            start = stop
-            if len(outputs) < len(taps):
-                outputs.append(x)
-        return x, outputs
+        return layers.run_stacked(self.blocks, x, self.config.depth, taps, self.scan_layers, sin, cos)
 
     def _features(self, images, taps, masks=None, rope_rng=None):
         cfg = self.config

@@ -76,3 +76,72 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False)
         logits = jnp.where(mask, logits, -jnp.inf)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules whose parameters may carry leading `layers` axes (stacked transformer blocks).
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, lead: tuple[int, ...], *, eps: float, rngs: nnx.Rngs):
+        lead_axes = ("layers",) * len(lead)
+        self.scale = param(rngs, ones, (*lead, dim), (*lead_axes, "embed"))
+        self.bias = param(rngs, zeros, (*lead, dim), (*lead_axes, "embed"))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return layer_norm(x, self.scale[...], self.bias[...], self.eps)
+
+
+class Linear(nnx.Module):
+    """`y = x @ kernel + bias`; kernel (in, out) like Flax, i.e. the torch weight transposed."""
+
+    def __init__(
+        self,
+        din: int,
+        dout: int,
+        axes: tuple[str, str],
+        lead: tuple[int, ...],
+        *,
+        bias: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        lead_axes = ("layers",) * len(lead)
+        self.kernel = param(
+            rngs, trunc_normal(0.02), (*lead, din, dout), (*lead_axes, *axes)
+        )
+        self.bias = (
+            param(rngs, zeros, (*lead, dout), (*lead_axes, axes[1])) if bias else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return dense(x, self.kernel[...], None if self.bias is None else self.bias[...])
+
+
+def run_stacked(
+    blocks: nnx.Module, x: jax.Array, depth: int, taps: Sequence[int], scan: bool, *args
+) -> tuple[jax.Array, list[jax.Array]]:
+    """Applies `depth` stacked blocks (params with a leading `layers` axis) to `x`.
+
+    Returns the final output and the outputs of the blocks listed in `taps` (ascending). With
+    `scan`, each run of blocks between taps is one `jax.lax.scan`; otherwise the loop is unrolled.
+    """
+    graphdef, state = nnx.split(blocks)
+
+    def one(x, layer_state):
+        return nnx.merge(graphdef, layer_state)(x, *args)
+
+    outputs, start = [], 0
+    for stop in [*(t + 1 for t in taps), depth]:
+        if stop <= start:
+            continue
+        segment = jax.tree.map(lambda a, s=start, e=stop: a[s:e], state)
+        if scan:
+            x, _ = jax.lax.scan(lambda c, s: (one(c, s), None), x, segment)
+        else:
+            for i in range(stop - start):
+                x = one(x, jax.tree.map(lambda a, i=i: a[i], segment))
+        start = stop
+        if len(outputs) < len(taps):
+            outputs.append(x)
+    return x, outputs

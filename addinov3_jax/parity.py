@@ -107,7 +107,7 @@ def dinov3(*, source=None, random_variant=None, image_size=(224, 224), seed=0, b
         model = d3.create(cfg, rngs=__import__("flax").nnx.Rngs(seed))
         checkpoint_io.assign(model, conv.official_to_params(sd, cfg), source="random")
     else:
-        hf_sd = {k: torch.from_numpy(v) for k, v in conv.official_to_hf(sd).items()}
+        hf_sd = {k: torch.from_numpy(np.array(v)) for k, v in conv.official_to_hf(sd).items()}
         ref.load_state_dict(hf_sd, strict=False)
     # Use the same periods on both sides (the official ones when the checkpoint stores them).
     periods = np.asarray(model.rope_periods[...], np.float32)
@@ -132,3 +132,50 @@ def dinov3(*, source=None, random_variant=None, image_size=(224, 224), seed=0, b
         got = np.concatenate([np.asarray(cls)[:, None], np.asarray(extra), np.asarray(patches)], 1)
         rows.append(compare(f"block {i} (normed)", got, hidden[i]))
     return print_table(f"{title}, input {batch}x{h}x{w}", rows, atol or DEFAULT_ATOL["dinov3"])
+
+
+def clip_text(*, source=None, random_variant=None, activation="quick_gelu", seed=0,
+              atol=None) -> bool:
+    """Compares our text tower with transformers' `CLIPTextModelWithProjection`."""
+    torch, transformers = _torch()
+    from flax import nnx
+
+    from addinov3_jax import checkpoint_io, prompts, tokenizer
+    from addinov3_jax import clip_text as ct
+    from addinov3_jax.weight_conversion import clip_text as conv
+
+    if source is not None:
+        model = ct.load(source)
+        cfg = model.config
+        title = f"CLIP text parity: {source} ({cfg.activation})"
+    else:
+        cfg = ct.get_config(random_variant, activation)
+        title = f"CLIP text parity: random {random_variant} ({activation})"
+    ref = transformers.CLIPTextModelWithProjection(
+        transformers.CLIPTextConfig(**conv.hf_config(cfg))).eval()
+    if source is None:
+        randomize_torch(ref, seed)
+        sd = conv.hf_to_openai(_state_dict_numpy(ref))
+        model = ct.create(cfg, rngs=nnx.Rngs(seed))
+        checkpoint_io.assign(model, conv.openai_to_params(sd, cfg, source="random"), source="random")
+    else:
+        sd = conv.params_to_openai(checkpoint_io.flat_params(model), cfg)
+        ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in conv.openai_to_hf(sd).items()},
+                            strict=False)
+    try:
+        tok = ct.load_tokenizer(source)
+        ids = tok(prompts.sentences("bottle")[::60] + ["a photo of a flawless metal_nut."])
+    except tokenizer.TokenizerError:  # no vocabulary: random ids with an EOT
+        rng = np.random.default_rng(seed)
+        ids = rng.integers(1, 49000, (8, 77)).astype(np.int32)
+        ids[:, 10] = tokenizer.EOT_ID
+    with torch.no_grad():
+        out = ref(torch.from_numpy(ids).long(), output_hidden_states=True)
+    with jax.default_matmul_precision("highest"):
+        ours = model(ids, return_hidden=True)
+    eot = ids.argmax(-1)
+    rows = [compare(f"block {i}", h, out.hidden_states[i + 1].numpy())
+            for i, h in enumerate(ours["hidden"])]
+    rows += [compare("pooled", ours["pooled"], out.last_hidden_state.numpy()[np.arange(len(ids)), eot]),
+             compare("projected", ours["projected"], out.text_embeds.numpy())]
+    return print_table(title, rows, atol or DEFAULT_ATOL["clip-text"])
