@@ -11,7 +11,6 @@ NOT_YET = {
     "eval": "zero-shot evaluation has not landed yet (issue #8)",
     "predict": "prediction on your own images has not landed yet (issue #8)",
     "data": "dataset readers and TFDS / grain pipelines have not landed yet (issue #6)",
-    "convert adapters": "conversion of official adapter checkpoints has not landed yet (issue #5)",
 }
 
 
@@ -35,7 +34,10 @@ def _convert(args: argparse.Namespace) -> int:
         meta = conv.convert(args.source, args.output, variant=args.variant,
                             activation=args.activation, vocab=args.vocab)
     else:
-        return _not_yet("convert adapters")(args)
+        from addinov3_jax.weight_conversion import adapters as conv
+
+        layers = tuple(int(i) for i in args.feature_layers.split(","))
+        meta = conv.convert(args.source, args.output, feature_layers=layers)
     print(f"wrote {args.output}: {meta['architecture']} {meta['variant']} "
           f"({meta['param_count']:,} parameters, from {meta['source_format']})")
     return 0
@@ -85,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clip-text: MLP activation stored in the metadata (default: per source)")
     p.add_argument("--vocab", default=None,
                    help="clip-text: bpe_simple_vocab_16e6.txt.gz to store beside the weights")
+    p.add_argument("--feature-layers", default="5,11,17,23",
+                   help="adapters: the backbone blocks the adapters were trained on")
     p.set_defaults(run=_convert)
 
     p = sub.add_parser("parity", help="per-layer error table against the PyTorch reference",

@@ -12,6 +12,7 @@ is the paper configuration; QuickGELU reproduces OpenAI / Hugging Face CLIP.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -103,8 +104,10 @@ class TextTower(nnx.Module):
         self.ln_final = layers.LayerNorm(cfg.width, (), eps=cfg.layer_norm_eps, rngs=rngs)
         self.text_projection = layers.param(rngs, layers.trunc_normal(cfg.width ** -0.5),
                                             (cfg.width, cfg.embed_dim), ("embed", None))
-        # Identity of the weights (set by `load`), used to key the prompt-feature cache.
+        # Identity of the weights (set by `load`), used to key the prompt-feature cache, and the
+        # directory holding the tokenizer files that came with the weights (if any).
         self.checkpoint_id: str | None = None
+        self.tokenizer_dir: str | None = None
 
     def __call__(self, ids_bt: jax.Array, *, return_hidden: bool = False) -> dict[str, jax.Array]:
         """Full forward. Returns `pooled` (after ln_final, at EOT), `projected` (unnormalised),
@@ -157,6 +160,7 @@ def load(path, activation: str | None = None, *, scan_layers: bool = True,
     checkpoint_io.assign(model, params, source=str(path))
     model.checkpoint_id = meta.get("files", {}).get(checkpoint_io.PARAMS_FILE) or meta.get(
         "source_sha256")
+    model.tokenizer_dir = str(path) if Path(path).is_dir() else None
     return model
 
 

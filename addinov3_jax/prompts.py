@@ -81,16 +81,16 @@ def text_features(
 
     Args:
       model: a `clip_text.TextTower`.
-      tokenizer: defaults to `tokenizer.default_tokenizer()`.
+      tokenizer: defaults to the one stored with the weights, else the default vocabulary.
       cache_dir: if set (and the model has a `checkpoint_id`), features are stored there keyed by
         (checkpoint identity, activation, word) and reused by later runs.
       full_context: run at the full 77-token context like the reference code. By default the
         context is cut to the longest sentence (identical up to fp32 rounding thanks to the causal
         mask, and several times faster).
     """
-    from addinov3_jax import tokenizer as tok
+    from addinov3_jax import clip_text
 
-    tokenizer = tokenizer or tok.default_tokenizer()
+    tokenizer = tokenizer or clip_text.load_tokenizer(model.tokenizer_dir)
     words = list(dict.fromkeys(class_names))
     context = model.config.context_length
     found: dict[str, np.ndarray] = {}

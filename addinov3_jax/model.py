@@ -1,0 +1,324 @@
+"""AD-DINOv3: frozen DINOv3 features + frozen CLIP text prototypes + trained adapters and AACM.
+
+Per tapped block i (shared/DESIGN.md §2):
+  p = normalize(leaky_relu(standardize(patches_i) @ W_patch_i))      (B, N, E)
+  c = normalize(leaky_relu(cls_i @ W_cls_i))                          (B, E)
+  t = [leaky_relu(T_n @ W_prompt_0), leaky_relu(T_a @ W_prompt_1)]    (B, E, 2), layout switch
+  M_i = softmax(up(100 p @ t))          cross-modal map   (B, H, W, 2)
+  A_i = [1 - s, s], s = sigmoid(up(10 p @ c))   AACM map  (B, H, W, 2)
+  g_i = 100 c @ t                       global logits     (B, 2)
+and M, A, g are the means over the taps; `up` is bilinear upsampling with align_corners=True.
+Only the adapters train: every other parameter sits under `backbone` or `text_tower`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from addinov3_jax import clip_text, dinov3, layers, prompts
+
+TEXT_LAYOUTS = ("stack", "interleave")
+IMAGE_SCORES = ("global", "max", "mean_of_both")
+MODEL_FILE = "model.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    """Configuration of the AD-DINOv3 head (defaults = the paper, with the intended behaviour).
+
+    text_layout: "stack" uses [t_n, t_a] as the two text columns; "interleave" reproduces the
+      official `cat([t_n, t_a]).view(E, 2)` (needed for adapters trained by the official code).
+    image_score: "global" = softmax(g)[1], "max" = max of the pixel map, "mean_of_both".
+    smoothing_sigma: Gaussian smoothing of the pixel map at inference (0 = off, as official).
+    """
+
+    feature_layers: tuple[int, ...] = (5, 11, 17, 23)
+    text_layout: str = "stack"
+    image_score: str = "global"
+    smoothing_sigma: float = 0.0
+    patch_logit_scale: float = 100.0
+    aacm_logit_scale: float = 10.0
+    leaky_slope: float = 0.01
+    standardize_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.text_layout not in TEXT_LAYOUTS:
+            raise ValueError(f"text_layout must be one of {TEXT_LAYOUTS}, got {self.text_layout!r}")
+        if self.image_score not in IMAGE_SCORES:
+            raise ValueError(f"image_score must be one of {IMAGE_SCORES}, got {self.image_score!r}")
+        object.__setattr__(self, "feature_layers", tuple(int(i) for i in self.feature_layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions of the head
+
+
+def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) bilinear interpolation weights with align_corners=True.
+
+    Source positions and weights are computed in float32 like PyTorch's CPU upsampling kernel
+    (`scale = (in - 1) / (out - 1)`, `src = scale * i`, `w1 = src - floor(src)`, `w0 = 1 - w1`).
+    """
+    scale = np.float32((n_in - 1) / (n_out - 1)) if n_out > 1 else np.float32(0)
+    src = scale * np.arange(n_out, dtype=np.float32)
+    lo = np.minimum(np.floor(src).astype(int), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    w1 = (src - lo.astype(np.float32)).astype(np.float32)
+    w0 = (np.float32(1) - w1).astype(np.float32)
+    m = np.zeros((n_out, n_in), np.float32)
+    np.add.at(m, (np.arange(n_out), lo), w0)
+    np.add.at(m, (np.arange(n_out), hi), w1)
+    return m
+
+
+def upsample_bilinear(x_bhwc: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Bilinear resize with align_corners=True, as `F.interpolate(..., align_corners=True)`."""
+    rh = jnp.asarray(resize_matrix(x_bhwc.shape[1], size[0]))
+    rw = jnp.asarray(resize_matrix(x_bhwc.shape[2], size[1]))
+    return jnp.einsum("Hh,bhwc,Ww->bHWc", rh, x_bhwc, rw, precision=jax.lax.Precision.HIGHEST)
+
+
+def gaussian_blur(maps_bhw: jax.Array, sigma: float, truncate: float = 4.0) -> jax.Array:
+    """Separable Gaussian filter like `scipy.ndimage.gaussian_filter(mode="reflect")`."""
+    radius = int(truncate * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    k = jnp.asarray(k / k.sum(), jnp.float32)
+    padded = jnp.pad(maps_bhw, ((0, 0), (radius, radius), (radius, radius)), mode="symmetric")
+    h, w = maps_bhw.shape[1:]
+    rows = sum(k[i] * padded[:, i : i + h, :] for i in range(2 * radius + 1))
+    return sum(k[i] * rows[:, :, i : i + w] for i in range(2 * radius + 1))
+
+
+def standardize(patches_bnd: jax.Array, eps: float) -> jax.Array:
+    """Per image and channel over the tokens: (x - mean) / (unbiased std + eps)."""
+    mean = patches_bnd.mean(axis=1, keepdims=True)
+    std = jnp.std(patches_bnd, axis=1, keepdims=True, ddof=1)
+    return (patches_bnd - mean) / (std + eps)
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def arrange_text(t_n: jax.Array, t_a: jax.Array, layout: str) -> jax.Array:
+    """(B, E) x 2 -> (B, E, 2). "interleave" reproduces the official concat-then-view."""
+    if layout == "stack":
+        return jnp.stack([t_n, t_a], axis=-1)
+    b, e = t_n.shape
+    return jnp.concatenate([t_n, t_a], axis=-1).reshape(b, e, 2)
+
+
+class Adapters(nnx.Module):
+    """The trainable part: first Linear (no bias) of each official adapter, stacked per kind."""
+
+    def __init__(self, visual_dim: int, text_dim: int, num_layers: int, *, rngs: nnx.Rngs):
+        init = nnx.initializers.lecun_normal()
+        self.patch = layers.param(rngs, init, (num_layers, visual_dim, text_dim),
+                                  ("layers", "embed", "adapter"))
+        self.cls = layers.param(rngs, init, (num_layers, visual_dim, text_dim),
+                                ("layers", "embed", "adapter"))
+        self.prompt = layers.param(rngs, init, (2, text_dim, text_dim),
+                                   ("layers", "adapter_in", "adapter"))
+
+
+def head(
+    adapters: Adapters,
+    patches_lbnd: jax.Array,
+    cls_lbd: jax.Array,
+    text_be2: jax.Array,
+    grid: tuple[int, int],
+    out_size: tuple[int, int],
+    cfg: HeadConfig,
+) -> dict[str, jax.Array]:
+    """Maps and logits from (already standardised) features of L taps.
+
+    Returns `M` and `A` (B, H, W, 2), `g` (B, 2).
+    """
+    act = lambda x: jax.nn.leaky_relu(x, cfg.leaky_slope)  # noqa: E731
+    p = l2_normalize(act(jnp.einsum("lbnd,lde->lbne", patches_lbnd, adapters.patch[...])))
+    c = l2_normalize(act(jnp.einsum("lbd,lde->lbe", cls_lbd, adapters.cls[...])))
+    t_n = act(text_be2[..., 0] @ adapters.prompt[0])
+    t_a = act(text_be2[..., 1] @ adapters.prompt[1])
+    text = arrange_text(t_n, t_a, cfg.text_layout)  # (B, E, 2)
+    n_layers, b = p.shape[:2]
+    h, w = grid
+    cross = cfg.patch_logit_scale * jnp.einsum("lbne,bek->lbnk", p, text)
+    aacm = cfg.aacm_logit_scale * jnp.einsum("lbne,lbe->lbn", p, c)[..., None]
+    logits = jnp.concatenate([cross, aacm], axis=-1).reshape(n_layers * b, h, w, 3)
+    up = upsample_bilinear(logits, out_size).reshape(n_layers, b, *out_size, 3)
+    m = jax.nn.softmax(up[..., :2], axis=-1).mean(0)
+    s = jax.nn.sigmoid(up[..., 2:])
+    a = jnp.concatenate([1 - s, s], axis=-1).mean(0)
+    g = (cfg.patch_logit_scale * jnp.einsum("lbe,bek->lbk", c, text)).mean(0)
+    return {"M": m, "A": a, "g": g}
+
+
+def image_scores(maps_bhw: jax.Array, g_b2: jax.Array, mode: str) -> jax.Array:
+    glob = jax.nn.softmax(g_b2, axis=-1)[:, 1]
+    peak = maps_bhw.reshape(maps_bhw.shape[0], -1).max(axis=-1)
+    return {"global": glob, "max": peak, "mean_of_both": 0.5 * (glob + peak)}[mode]
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class ADDinoV3(nnx.Module):
+    """Frozen backbone and text tower, trainable `adapters`."""
+
+    def __init__(self, backbone: dinov3.DinoV3, text_tower: clip_text.TextTower | None,
+                 config: HeadConfig = HeadConfig(), *, rngs: nnx.Rngs, text_dim: int | None = None):
+        dinov3.select_blocks(config.feature_layers, backbone.config.depth)  # validates the taps
+        if text_tower is None and text_dim is None:
+            raise ValueError("give a text tower or the text feature dimension (text_dim)")
+        self.config = config
+        self.backbone = backbone
+        self.text_tower = text_tower
+        self.text_dim = text_tower.config.embed_dim if text_tower is not None else text_dim
+        self.adapters = Adapters(backbone.config.embed_dim, self.text_dim,
+                                 len(config.feature_layers), rngs=rngs)
+
+    def features(self, images_bhwc: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Frozen features: standardised patches (L, B, N, D) and CLS tokens (L, B, D), fp32."""
+        taps = self.backbone.get_intermediate_layers(
+            images_bhwc, n=self.config.feature_layers, return_class_token=True)
+        order = np.argsort(np.argsort(self.config.feature_layers))  # outputs come ascending
+        patches = jnp.stack([taps[i][0] for i in order]).astype(jnp.float32)
+        cls = jnp.stack([taps[i][1] for i in order]).astype(jnp.float32)
+        patches = jax.vmap(lambda x: standardize(x, self.config.standardize_eps))(patches)
+        return jax.lax.stop_gradient(patches), jax.lax.stop_gradient(cls)
+
+    def head_from_features(self, patches_lbnd, cls_lbd, text_be2, grid, out_size):
+        return head(self.adapters, patches_lbnd, cls_lbd, jax.lax.stop_gradient(text_be2), grid,
+                    out_size, self.config)
+
+    def __call__(self, images_bhwc: jax.Array, text_be2: jax.Array) -> dict[str, jax.Array]:
+        """Training-time forward: `M`, `A` (B, H, W, 2) and `g` (B, 2).
+
+        `text_be2` holds each image's (E, 2) [normal, abnormal] prototypes (see `text_features`).
+        """
+        p = self.backbone.config.patch_size
+        grid = (images_bhwc.shape[1] // p, images_bhwc.shape[2] // p)
+        patches, cls = self.features(images_bhwc)
+        return self.head_from_features(patches, cls, text_be2, grid, images_bhwc.shape[1:3])
+
+    def text_features(self, class_names: Sequence[str], cache_dir=None) -> np.ndarray:
+        """(C, E, 2) prototypes per class name, computed once by the frozen text tower."""
+        if self.text_tower is None:
+            raise ValueError("this model has no text tower; pass text features explicitly")
+        return prompts.text_features(self.text_tower, class_names, cache_dir=cache_dir)
+
+    def predict(self, images_bhwc, class_names: Sequence[str] | str, *, text_be2=None,
+                cache_dir=None) -> tuple[jax.Array, jax.Array]:
+        """Pixel anomaly maps (B, H, W) and image scores (B,) for images of the given classes."""
+        b = images_bhwc.shape[0]
+        if text_be2 is None:
+            names = [class_names] * b if isinstance(class_names, str) else list(class_names)
+            if len(names) != b:
+                raise ValueError(f"{len(names)} class names for {b} images")
+            uniq = list(dict.fromkeys(names))
+            table = self.text_features(uniq, cache_dir)
+            text_be2 = table[[uniq.index(n) for n in names]]
+        return _predict(self, jnp.asarray(images_bhwc), jnp.asarray(text_be2))
+
+
+@nnx.jit
+def _predict(model: ADDinoV3, images, text_be2):
+    out = model(images, text_be2)
+    maps = out["M"][..., 1]
+    if model.config.smoothing_sigma > 0:
+        maps = gaussian_blur(maps, model.config.smoothing_sigma)
+    return maps, image_scores(maps, out["g"], model.config.image_score)
+
+
+def trainable(model: ADDinoV3) -> nnx.State:
+    """The one trainability filter (optimizer and gradient): parameters under `adapters`."""
+    return nnx.state(model, TRAINABLE)
+
+
+TRAINABLE = nnx.All(nnx.Param, nnx.PathContains("adapters"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading a whole model
+
+
+def save(model: ADDinoV3, directory: str | os.PathLike, *, backbone: str | None = None,
+         text_tower: str | None = None) -> Path:
+    """Writes a model directory: `adapters/`, `model.json` and, unless paths to existing converted
+    directories are given, `backbone/` and `text_tower/` (so the directory is self-contained)."""
+    from addinov3_jax import checkpoint_io
+    from addinov3_jax.weight_conversion import adapters as adapter_conv
+
+    directory = Path(directory)
+    adapter_conv.write(directory / "adapters", checkpoint_io.flat_params(model.adapters),
+                       model.config, source_format="addinov3-jax")
+    for name, ref, module, arch, variants in (
+        ("backbone", backbone, model.backbone, "dinov3", dinov3.VARIANTS),
+        ("text_tower", text_tower, model.text_tower, "clip_text", clip_text.VARIANTS),
+    ):
+        if ref is None:
+            if module is None:
+                raise ValueError(f"the model has no {name} and no path to one was given")
+            params = checkpoint_io.flat_params(module)
+            variant = next((k for k, v in variants.items() if v == module.config), "custom")
+            extra = {}
+            if arch == "clip_text":
+                from addinov3_jax import tokenizer
+
+                try:
+                    extra = {tokenizer.VOCAB_FILE: tokenizer.find_vocab().read_bytes()}
+                except tokenizer.TokenizerError:
+                    extra = {}
+            checkpoint_io.write(directory / name, params, {
+                "architecture": arch, "variant": variant, "config": module.config.to_dict(),
+                "source_format": "addinov3-jax", "param_count": int(sum(
+                    v.size for k, v in params.items() if k != "rope_periods")),
+            }, extra_files=extra)
+            ref = name
+    spec = {"backbone": str(backbone or "backbone"), "text_tower": str(text_tower or "text_tower"),
+            "adapters": "adapters", "head": model.config.to_dict()}
+    (directory / MODEL_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    return directory
+
+
+def load(path: str | os.PathLike | None = None, *, backbone=None, text_tower=None, adapters=None,
+         config: HeadConfig | None = None, **overrides) -> ADDinoV3:
+    """Loads a model directory (`model.json`) or a set of three converted directories.
+
+    `overrides` replace head-config fields (e.g. `text_layout="interleave"`).
+    """
+    from addinov3_jax.weight_conversion import adapters as adapter_conv
+
+    if path is not None:
+        path = Path(path)
+        spec = json.loads((path / MODEL_FILE).read_text())
+        resolve = lambda p: str(p if Path(p).is_absolute() else path / p)  # noqa: E731
+        backbone = backbone or resolve(spec["backbone"])
+        text_tower = text_tower or resolve(spec["text_tower"])
+        adapters = adapters or resolve(spec["adapters"])
+    if backbone is None or text_tower is None or adapters is None:
+        raise ValueError("give a model directory or all of backbone, text_tower and adapters")
+    params, meta = adapter_conv.read(adapters)
+    head_cfg = config or HeadConfig(**{**meta.get("head", {}), **overrides})
+    bb = backbone if isinstance(backbone, dinov3.DinoV3) else dinov3.load(backbone)
+    tt = text_tower if isinstance(text_tower, clip_text.TextTower) else clip_text.load(text_tower)
+    model = ADDinoV3(bb, tt, head_cfg, rngs=nnx.Rngs(0))
+    from addinov3_jax import checkpoint_io
+
+    checkpoint_io.assign(model.adapters, params, source=str(adapters))
+    return model
