@@ -10,7 +10,6 @@ NOT_YET = {
     "train": "training (sharded optax steps, orbax checkpoints) has not landed yet (issue #7)",
     "eval": "zero-shot evaluation has not landed yet (issue #8)",
     "predict": "prediction on your own images has not landed yet (issue #8)",
-    "data": "dataset readers and TFDS / grain pipelines have not landed yet (issue #6)",
 }
 
 
@@ -59,6 +58,59 @@ def _parity(args: argparse.Namespace) -> int:
         ok = parity.clip_text(source=args.source, random_variant=args.random,
                               activation=args.activation, seed=args.seed, atol=args.atol)
     return 0 if ok else 1
+
+
+def _dataset_names() -> list[str]:
+    return ["mvtec", "visa", "btad", "mpdd", "isic", "colondb", "clinicdb", "tn3k", "synthetic"]
+
+
+def _data_inspect(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from addinov3_jax.data import readers
+
+    records, report = readers.read(args.name, args.root, split=args.split,
+                                   on_bad_sample=args.on_bad_sample)
+    counts = Counter((r.class_folder, r.label) for r in records)
+    print(f"{args.name} {args.split}: {len(records)} images")
+    for cls in sorted({r.class_folder for r in records}):
+        masks = sum(1 for r in records if r.class_folder == cls and r.has_mask)
+        print(f"  {cls:<16} normal {counts[(cls, 0)]:>5}  anomalous {counts[(cls, 1)]:>5}  "
+              f"masks {masks:>5}")
+    print(report.summary())
+    return 0
+
+
+def _data_make_meta(args: argparse.Namespace) -> int:
+    from addinov3_jax.data import readers
+
+    records = []
+    for split in args.splits.split(","):
+        recs, report = readers.read(args.name, args.root, split=split,
+                                    on_bad_sample=args.on_bad_sample)
+        records += recs
+        print(report.summary())
+    print(f"wrote {readers.write_meta(args.root, records)} ({len(records)} records)")
+    return 0
+
+
+def _data_build(args: argparse.Namespace) -> int:
+    from addinov3_jax.data import tfds_builders
+
+    builder = tfds_builders.build(args.name, args.manual_dir, args.data_dir,
+                                  on_bad_sample=args.on_bad_sample)
+    print(f"built {builder.info.full_name} in {builder.data_dir}: "
+          + ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items()))
+    return 0
+
+
+def _data_synthetic(args: argparse.Namespace) -> int:
+    from addinov3_jax.data import synthetic
+
+    root = synthetic.generate(args.output, size=args.size, normal=args.normal,
+                              per_defect=args.per_defect, seed=args.seed)
+    print(f"wrote the synthetic dataset to {root}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -121,9 +173,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files or folders")
     p.set_defaults(run=_not_yet("predict"))
 
-    p = sub.add_parser("data", help="build / inspect datasets", description=NOT_YET["data"])
-    p.add_argument("action", nargs="?", default=None)
-    p.set_defaults(run=_not_yet("data"))
+    p = sub.add_parser("data", help="inspect, index, build or generate datasets",
+                       description="Dataset tools. NAME: " + ", ".join(_dataset_names())
+                       + ", folder (your own: CLASS/normal, CLASS/anomalous, CLASS/masks) or "
+                       "meta:NAME (read through ROOT/meta.json).")
+    dsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    q = dsub.add_parser("inspect", help="count images per class and split")
+    q.add_argument("name")
+    q.add_argument("--root", required=True)
+    q.add_argument("--split", default="test")
+    q.add_argument("--on-bad-sample", choices=["error", "skip"], default="error")
+    q.set_defaults(run=_data_inspect)
+    q = dsub.add_parser("make-meta", help="write ROOT/meta.json (relative paths) for a dataset")
+    q.add_argument("name")
+    q.add_argument("--root", required=True)
+    q.add_argument("--splits", default="test", help="comma-separated splits to index")
+    q.add_argument("--on-bad-sample", choices=["error", "skip"], default="error")
+    q.set_defaults(run=_data_make_meta)
+    q = dsub.add_parser("build", help="build ArrayRecord files with the TFDS builder")
+    q.add_argument("name")
+    q.add_argument("--manual-dir", required=True, help="the raw dataset root")
+    q.add_argument("--data-dir", required=True, help="TFDS data dir to write")
+    q.add_argument("--on-bad-sample", choices=["error", "skip"], default="error")
+    q.set_defaults(run=_data_build)
+    q = dsub.add_parser("synthetic", help="generate the synthetic anomaly dataset (MVTec layout)")
+    q.add_argument("--output", required=True)
+    q.add_argument("--size", type=int, default=128)
+    q.add_argument("--normal", type=int, default=6)
+    q.add_argument("--per-defect", type=int, default=4)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(run=_data_synthetic)
 
     p = sub.add_parser("demo", help="the embedded default: runs end to end with no downloads")
     p.add_argument("--workdir", default="demo_out")
@@ -138,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except Exception as e:  # user-facing errors: one clear line, no stack trace
         from addinov3_jax.checkpoint_io import CheckpointError
+        from addinov3_jax.data.records import DataError
 
-        if isinstance(e, CheckpointError | FileNotFoundError):
+        if isinstance(e, CheckpointError | DataError | FileNotFoundError):
             print(f"addinov3 {args.command}: error: {e}", file=sys.stderr)
             return 1
         raise

@@ -1,0 +1,128 @@
+"""One record per image, decoding of images and masks, and the bad-sample policy.
+
+Every reader produces `Record`s; the raw-folder source and the ArrayRecord source both decode the
+original file bytes with `decode_image` / `decode_mask`, so they yield identical pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """Bad input: the message names the file / folder and says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    dataset: str
+    split: str
+    class_folder: str  # as on disk: "metal_nut", "candle", "01"
+    class_name: str  # readable: "metal nut", "candle", "skin"
+    image_path: str
+    mask_path: str | None  # None: normal image, or an anomaly without pixel annotation
+    label: int  # 0 normal, 1 anomalous
+    defect: str = ""
+
+    def object_word(self, source: str = "readable") -> str:
+        """The word put into the prompts: the readable class name, or (`source="path"`) the
+        official code's `image_path.split('/')[-4]` ("Data" for VisA, "01" for BTAD...)."""
+        if source == "readable":
+            return self.class_name
+        if source == "path":
+            return Path(self.image_path).parts[-4]
+        raise ValueError(f"class_name_source must be 'readable' or 'path', got {source!r}")
+
+    @property
+    def has_mask(self) -> bool:
+        return self.mask_path is not None
+
+
+@dataclasses.dataclass
+class Report:
+    """What a reader skipped or dropped, and why."""
+
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    duplicates: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, path: str, reason: str, policy: str) -> None:
+        if policy == "error":
+            raise DataError(f"{path}: {reason} (use on_bad_sample='skip' / --on-bad-sample skip "
+                            "to skip such samples and list them in the report)")
+        self.skipped.append((str(path), reason))
+
+    def summary(self) -> str:
+        lines = [f"skipped {len(self.skipped)} sample(s), dropped {len(self.duplicates)} duplicate(s)"]
+        lines += [f"  skipped {p}: {r}" for p, r in self.skipped]
+        lines += [f"  duplicate {p}" for p in self.duplicates]
+        return "\n".join(lines)
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files of a folder, sorted by name (the official pairing order)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _open(data: bytes, what: str) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
+        raise DataError(f"{what}: unreadable or truncated image ({type(e).__name__}: {e})") from e
+
+
+def decode_image(data: bytes, what: str = "image") -> Image.Image:
+    """RGB PIL image from file bytes. Grayscale is replicated, alpha dropped, 16-bit scaled."""
+    img = _open(data, what)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr / 257.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+def decode_mask(data: bytes, what: str = "mask") -> Image.Image:
+    """8-bit 'L' mask (0 = normal, 255 = anomalous) from file bytes.
+
+    1-bit and 8-bit grayscale are kept as is; palette, 16-bit and 32-bit masks count any non-zero
+    value as anomalous (VisA stores small label values); RGB(A) masks are converted to grayscale.
+    """
+    img = _open(data, what)
+    if img.mode in ("1", "L"):
+        return img.convert("L")
+    if img.mode in ("P", "I;16", "I;16B", "I;16L", "I", "F"):
+        return Image.fromarray((np.asarray(img) != 0).astype(np.uint8) * 255, "L")
+    return img.convert("L")
+
+
+def check_sample(record: Record) -> str | None:
+    """Why the record's files cannot be used (None when they can). Reads headers only."""
+    try:
+        with Image.open(record.image_path) as img:
+            size = img.size
+            img.verify()
+    except Exception as e:  # noqa: BLE001
+        return f"unreadable or truncated image ({type(e).__name__}: {e})"
+    if record.mask_path is not None:
+        try:
+            with Image.open(record.mask_path) as m:
+                msize = m.size
+                m.verify()
+        except Exception as e:  # noqa: BLE001
+            return f"unreadable mask {record.mask_path} ({type(e).__name__}: {e})"
+        if msize != size:
+            return f"mask {record.mask_path} is {msize[0]}x{msize[1]} but the image is {size[0]}x{size[1]}"
+    try:  # verify() does not catch truncated pixel data: decode fully
+        decode_image(Path(record.image_path).read_bytes(), record.image_path)
+    except DataError as e:
+        return str(e)
+    return None
