@@ -4,21 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
-
-NOT_YET = {
-    "train": "training (sharded optax steps, orbax checkpoints) has not landed yet (issue #7)",
-    "eval": "zero-shot evaluation has not landed yet (issue #8)",
-    "predict": "prediction on your own images has not landed yet (issue #8)",
-}
-
-
-def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(_: argparse.Namespace) -> int:
-        print(f"addinov3 {name}: not available: {NOT_YET[name]}.", file=sys.stderr)
-        return 2
-
-    return run
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -58,6 +43,42 @@ def _parity(args: argparse.Namespace) -> int:
         ok = parity.clip_text(source=args.source, random_variant=args.random,
                               activation=args.activation, seed=args.seed, atol=args.atol)
     return 0 if ok else 1
+
+
+def load_config(path: str, overrides: list[str]):
+    """An ml_collections config file (`path[:arg]`) with `--config.a.b=value` overrides."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    bad = [o for o in overrides if not o.startswith("--config.")]
+    if bad:
+        raise SystemExit(f"addinov3: unrecognized arguments: {' '.join(bad)}")
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=False)
+    fv(["addinov3", f"--config={path}", *overrides])
+    return fv.config
+
+
+def _set_host_devices(config) -> None:
+    """Simulated CPU devices (`mesh` sizes) must be requested before JAX starts."""
+    import os
+
+    if "XLA_FLAGS" not in os.environ and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
+        n = max(1, config.mesh.data) * config.mesh.fsdp * config.mesh.tensor
+        if n > 1:
+            os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    _set_host_devices(config)
+    from addinov3_jax import train
+
+    summary = train.train(config, args.workdir)
+    print(f"trained {summary['steps']} steps (resumed from {summary['resumed_from']}); "
+          f"final loss {summary['final'].get('loss', float('nan')):.4f}; "
+          f"model written to {args.workdir}/model")
+    return 0
 
 
 def _dataset_names() -> list[str]:
@@ -114,9 +135,35 @@ def _data_synthetic(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import os
+
+    if "XLA_FLAGS" not in os.environ and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     from addinov3_jax import demo
 
-    return demo.run(workdir=args.workdir, seed=args.seed)
+    return demo.run(workdir=args.workdir, seed=args.seed, dinov3=args.dinov3,
+                    clip_text=args.clip_text, quick=args.quick)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    from addinov3_jax import evaluate
+
+    results = evaluate.run_from_config(config, args.workdir)
+    print(evaluate.markdown(results))
+    print(f"wrote {args.workdir}/results.json, results.md, heatmaps/, curves/")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from addinov3_jax import predict
+
+    model = predict.load_model(args.checkpoint)
+    rows = predict.predict(model, args.images, args.class_name, args.output,
+                           image_size=args.image_size, batch_size=args.batch_size,
+                           save_maps=args.save_maps)
+    print(f"wrote heatmaps and scores for {len(rows)} images to {args.output}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,20 +205,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=None, help="tolerance (default per model)")
     p.set_defaults(run=_parity)
 
-    for name, help_text in (("train", "train the adapters (configs/<name>.py)"),
-                            ("eval", "zero-shot evaluation, writes results.json / results.md")):
-        p = sub.add_parser(name, help=help_text, description=NOT_YET[name])
-        p.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
-        p.add_argument("--workdir", required=True)
-        p.set_defaults(run=_not_yet(name))
+    p = sub.add_parser("train", help="train the adapters (configs/<name>.py)",
+                       description="Train (or resume) in WORKDIR. Override any config field with "
+                                   "--config.FIELD=VALUE, e.g. --config.train.epochs=10.")
+    p.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
+    p.add_argument("--workdir", required=True)
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("eval", help="zero-shot evaluation, writes results.json / results.md",
+                       description="Evaluate WORKDIR/model on config.eval.datasets (NAME=ROOT) and "
+                                   "write results.json, results.md, heatmaps/ and curves/ there. "
+                                   "Override fields with --config.FIELD=VALUE.")
+    p.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
+    p.add_argument("--workdir", required=True)
+    p.set_defaults(run=_eval)
 
     p = sub.add_parser("predict", help="anomaly maps for your own images",
-                       description=NOT_YET["predict"])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--class-name", required=True)
+                       description="Heatmap overlays (PNG), optional raw maps (NPY) and image "
+                                   "scores (CSV / JSON) for images of any size.")
+    p.add_argument("--checkpoint", required=True, help="a model dir or a training workdir")
+    p.add_argument("--class-name", required=True, help="the object word for the prompts")
     p.add_argument("--output", required=True)
+    p.add_argument("--image-size", type=int, default=512, help="network input size (default 512)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--save-maps", action="store_true", help="also write maps/<name>.npy")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.set_defaults(run=_not_yet("predict"))
+    p.set_defaults(run=_predict)
 
     p = sub.add_parser("data", help="inspect, index, build or generate datasets",
                        description="Dataset tools. NAME: " + ", ".join(_dataset_names())
@@ -199,20 +258,30 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("synthetic", help="generate the synthetic anomaly dataset (MVTec layout)")
     q.add_argument("--output", required=True)
     q.add_argument("--size", type=int, default=128)
-    q.add_argument("--normal", type=int, default=6)
-    q.add_argument("--per-defect", type=int, default=4)
+    q.add_argument("--normal", type=int, default=10)
+    q.add_argument("--per-defect", type=int, default=8)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(run=_data_synthetic)
 
-    p = sub.add_parser("demo", help="the embedded default: runs end to end with no downloads")
+    p = sub.add_parser("demo", help="the embedded default: runs end to end with no downloads",
+                       description="Synthetic data, tiny random towers (or your converted weights), "
+                                   "training on 8 simulated devices, zero-shot evaluation of the "
+                                   "trained vs the untrained model.")
     p.add_argument("--workdir", default="demo_out")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dinov3", default=None, help="converted DINOv3 directory (optional)")
+    p.add_argument("--clip-text", default=None, help="converted CLIP text directory (optional)")
+    p.add_argument("--quick", action="store_true", help="2 epochs (smoke test)")
     p.set_defaults(run=_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if args.command in ("train", "eval"):
+        args.overrides = extra
+    elif extra:
+        build_parser().parse_args(argv)  # reports the unknown arguments and exits
     try:
         return args.run(args)
     except Exception as e:  # user-facing errors: one clear line, no stack trace

@@ -137,21 +137,26 @@ class GroundTruth:
 
     @classmethod
     def from_masks(cls, masks) -> GroundTruth:
+        """From (N, H, W) masks (non-zero = anomalous)."""
         masks = np.asarray(masks)
-        if masks.ndim == 2:
-            masks = masks[None]
-        payload = np.zeros(masks.shape, np.int32)
-        sizes = [0.0]
-        offset = 0
-        for k, m in enumerate(masks):
-            labels, count = ndimage.label(m != 0, structure=EIGHT_CONNECTED)
+        gt = cls.from_masks_list(masks[None] if masks.ndim == 2 else masks)
+        gt.shape = masks.shape
+        return gt
+
+    @classmethod
+    def from_masks_list(cls, masks) -> GroundTruth:
+        """From a sequence of 2-D masks of any sizes (pixels are pooled in order)."""
+        payloads, sizes, offset = [], [0.0], 0
+        for m in masks:
+            labels, count = ndimage.label(np.asarray(m) != 0, structure=EIGHT_CONNECTED)
+            payloads.append(np.where(labels > 0, labels + offset, 0).astype(np.int32).reshape(-1))
             if count:
-                payload[k] = np.where(labels > 0, labels + offset, 0)
                 sizes += list(np.bincount(labels.reshape(-1))[1:].astype(np.float64))
                 offset += count
         inv = np.zeros(len(sizes), np.float64)
         inv[1:] = 1.0 / np.asarray(sizes[1:], np.float64)
-        return cls(payload.reshape(-1), inv, masks.shape)
+        payload = np.concatenate(payloads) if payloads else np.zeros(0, np.int32)
+        return cls(payload, inv, (payload.size,))
 
 
 def pixel_metrics(masks, maps, *, fpr_limit: float = 0.3, ground_truth: GroundTruth | None = None,

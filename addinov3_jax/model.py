@@ -125,6 +125,8 @@ def arrange_text(t_n: jax.Array, t_a: jax.Array, layout: str) -> jax.Array:
 class Adapters(nnx.Module):
     """The trainable part: first Linear (no bias) of each official adapter, stacked per kind."""
 
+    NAMES = ("patch", "cls", "prompt")
+
     def __init__(self, visual_dim: int, text_dim: int, num_layers: int, *, rngs: nnx.Rngs):
         init = nnx.initializers.lecun_normal()
         self.patch = layers.param(rngs, init, (num_layers, visual_dim, text_dim),
@@ -134,9 +136,12 @@ class Adapters(nnx.Module):
         self.prompt = layers.param(rngs, init, (2, text_dim, text_dim),
                                    ("layers", "adapter_in", "adapter"))
 
+    def weights(self) -> dict[str, jax.Array]:
+        return {k: getattr(self, k)[...] for k in self.NAMES}
+
 
 def head(
-    adapters: Adapters,
+    adapters,
     patches_lbnd: jax.Array,
     cls_lbd: jax.Array,
     text_be2: jax.Array,
@@ -146,13 +151,14 @@ def head(
 ) -> dict[str, jax.Array]:
     """Maps and logits from (already standardised) features of L taps.
 
-    Returns `M` and `A` (B, H, W, 2), `g` (B, 2).
+    `adapters` maps "patch", "cls", "prompt" to the adapter kernels (an `Adapters` module's
+    values, or the plain dict the trainer optimises). Returns `M`, `A` (B, H, W, 2), `g` (B, 2).
     """
     act = lambda x: jax.nn.leaky_relu(x, cfg.leaky_slope)  # noqa: E731
-    p = l2_normalize(act(jnp.einsum("lbnd,lde->lbne", patches_lbnd, adapters.patch[...])))
-    c = l2_normalize(act(jnp.einsum("lbd,lde->lbe", cls_lbd, adapters.cls[...])))
-    t_n = act(text_be2[..., 0] @ adapters.prompt[0])
-    t_a = act(text_be2[..., 1] @ adapters.prompt[1])
+    p = l2_normalize(act(jnp.einsum("lbnd,lde->lbne", patches_lbnd, adapters["patch"])))
+    c = l2_normalize(act(jnp.einsum("lbd,lde->lbe", cls_lbd, adapters["cls"])))
+    t_n = act(text_be2[..., 0] @ adapters["prompt"][0])
+    t_a = act(text_be2[..., 1] @ adapters["prompt"][1])
     text = arrange_text(t_n, t_a, cfg.text_layout)  # (B, E, 2)
     n_layers, b = p.shape[:2]
     h, w = grid
@@ -171,6 +177,17 @@ def image_scores(maps_bhw: jax.Array, g_b2: jax.Array, mode: str) -> jax.Array:
     glob = jax.nn.softmax(g_b2, axis=-1)[:, 1]
     peak = maps_bhw.reshape(maps_bhw.shape[0], -1).max(axis=-1)
     return {"global": glob, "max": peak, "mean_of_both": 0.5 * (glob + peak)}[mode]
+
+
+def extract_features(backbone: dinov3.DinoV3, images_bhwc: jax.Array, cfg: HeadConfig):
+    """Standardised patch tokens (L, B, N, D) and CLS tokens (L, B, D) of the tapped blocks, in
+    the order of `cfg.feature_layers`, fp32, without gradient."""
+    taps = backbone.get_intermediate_layers(images_bhwc, n=cfg.feature_layers, return_class_token=True)
+    order = np.argsort(np.argsort(cfg.feature_layers))  # outputs come in ascending block order
+    patches = jnp.stack([taps[i][0] for i in order]).astype(jnp.float32)
+    cls = jnp.stack([taps[i][1] for i in order]).astype(jnp.float32)
+    patches = jax.vmap(lambda x: standardize(x, cfg.standardize_eps))(patches)
+    return jax.lax.stop_gradient(patches), jax.lax.stop_gradient(cls)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,17 +211,11 @@ class ADDinoV3(nnx.Module):
 
     def features(self, images_bhwc: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Frozen features: standardised patches (L, B, N, D) and CLS tokens (L, B, D), fp32."""
-        taps = self.backbone.get_intermediate_layers(
-            images_bhwc, n=self.config.feature_layers, return_class_token=True)
-        order = np.argsort(np.argsort(self.config.feature_layers))  # outputs come ascending
-        patches = jnp.stack([taps[i][0] for i in order]).astype(jnp.float32)
-        cls = jnp.stack([taps[i][1] for i in order]).astype(jnp.float32)
-        patches = jax.vmap(lambda x: standardize(x, self.config.standardize_eps))(patches)
-        return jax.lax.stop_gradient(patches), jax.lax.stop_gradient(cls)
+        return extract_features(self.backbone, images_bhwc, self.config)
 
     def head_from_features(self, patches_lbnd, cls_lbd, text_be2, grid, out_size):
-        return head(self.adapters, patches_lbnd, cls_lbd, jax.lax.stop_gradient(text_be2), grid,
-                    out_size, self.config)
+        return head(self.adapters.weights(), patches_lbnd, cls_lbd, jax.lax.stop_gradient(text_be2),
+                    grid, out_size, self.config)
 
     def __call__(self, images_bhwc: jax.Array, text_be2: jax.Array) -> dict[str, jax.Array]:
         """Training-time forward: `M`, `A` (B, H, W, 2) and `g` (B, 2).

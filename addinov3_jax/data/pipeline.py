@@ -21,7 +21,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from addinov3_jax.data.records import DataError, Record, decode_image, decode_mask
+from addinov3_jax.data.records import DataError, Record, decode_image, decode_mask, object_word
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -67,12 +67,12 @@ class Preprocess:
     size: tuple[int, int] = (512, 512)
     mask_threshold: float = 0.5
     classes: tuple[str, ...] = ()
-    class_name_source: str = "readable"  # or "path" (the official object word)
+    class_name_source: str = "readable"  # "path" (the official object word) or "fixed:WORD"
     mean: tuple[float, ...] = tuple(IMAGENET_MEAN)
     std: tuple[float, ...] = tuple(IMAGENET_STD)
 
     def word(self, ex: dict) -> str:
-        return _text(ex["class_name"] if self.class_name_source == "readable" else ex["object_word_path"])
+        return object_word(self.class_name_source, _text(ex["class_name"]), _text(ex["object_word_path"]))
 
     def __call__(self, ex: dict) -> dict:
         h, w = self.size
@@ -98,8 +98,8 @@ def class_words(source, class_name_source: str = "readable") -> tuple[str, ...]:
     if isinstance(source, RecordSource):
         words = {r.object_word(class_name_source) for r in source.records}
     else:
-        key = "class_name" if class_name_source == "readable" else "object_word_path"
-        words = {_text(source[i][key]) for i in range(len(source))}
+        words = {object_word(class_name_source, _text(source[i]["class_name"]),
+                             _text(source[i]["object_word_path"])) for i in range(len(source))}
     return tuple(sorted(words))
 
 

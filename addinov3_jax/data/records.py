@@ -32,17 +32,29 @@ class Record:
     defect: str = ""
 
     def object_word(self, source: str = "readable") -> str:
-        """The word put into the prompts: the readable class name, or (`source="path"`) the
-        official code's `image_path.split('/')[-4]` ("Data" for VisA, "01" for BTAD...)."""
-        if source == "readable":
-            return self.class_name
-        if source == "path":
-            return Path(self.image_path).parts[-4]
-        raise ValueError(f"class_name_source must be 'readable' or 'path', got {source!r}")
+        """The word put into the prompts (see `object_word`)."""
+        return object_word(source, self.class_name, Path(self.image_path).parts[-4])
 
     @property
     def has_mask(self) -> bool:
         return self.mask_path is not None
+
+
+def object_word(source: str, class_name: str, path_word: str) -> str:
+    """The object word for the prompts, by `class_name_source`:
+
+    "readable": the dataset's readable class name ("metal nut"); "path": the official code's
+    `image_path.split('/')[-4]` ("Data" for every VisA class, "01" for BTAD...); "fixed:WORD": the
+    same word for every class (what the official VisA training amounts to, and the right choice
+    when the text tower is random and names carry no meaning).
+    """
+    if source == "readable":
+        return class_name
+    if source == "path":
+        return path_word
+    if source.startswith("fixed:") and len(source) > 6:
+        return source[6:]
+    raise ValueError(f"class_name_source must be 'readable', 'path' or 'fixed:WORD', got {source!r}")
 
 
 @dataclasses.dataclass

@@ -4,7 +4,7 @@ Categories are procedural textures and simply rendered objects; defects are pain
 masks: scratches, cracks, holes, stains, missing material, extra material and colour spots.
 
     from addinov3_jax.data import synthetic
-    synthetic.generate("synthetic_ad", size=128, per_defect=4, normal=6)
+    synthetic.generate("synthetic_ad")  # 10 categories x (10 normal + 3 defects x 8) test images
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-TEXTURES = ("weave", "marble", "stripes")
-OBJECTS = ("washer", "pill", "hexnut")
+TEXTURES = ("weave", "marble", "stripes", "grain", "mesh", "carpet")
+OBJECTS = ("washer", "pill", "hexnut", "button")
 CATEGORIES = TEXTURES + OBJECTS
 DEFECTS = {
     "weave": ("scratch", "hole", "color_spot"),
@@ -25,10 +25,15 @@ DEFECTS = {
     "washer": ("crack", "missing", "extra"),
     "pill": ("color_spot", "crack", "missing"),
     "hexnut": ("scratch", "extra", "hole"),
+    "grain": ("crack", "hole", "stain"),
+    "mesh": ("missing", "color_spot", "scratch"),
+    "carpet": ("hole", "stain", "color_spot"),
+    "button": ("crack", "color_spot", "missing"),
 }
 # Readable names used as class names (folder names keep underscores).
 READABLE = {"weave": "woven fabric", "marble": "marble", "stripes": "striped fabric",
-            "washer": "washer", "pill": "pill", "hexnut": "hex nut"}
+            "grain": "wood", "mesh": "wire mesh", "carpet": "carpet",
+            "washer": "washer", "pill": "pill", "hexnut": "hex nut", "button": "button"}
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, scale: int) -> np.ndarray:
@@ -47,9 +52,23 @@ def _texture(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
         n = _smooth_noise(rng, size, 8)
         base = 0.5 + 0.3 * np.sin(6 * x / size * np.pi + 5 * n)
         color = np.array([0.8, 0.8, 0.78])
-    else:  # stripes
+    elif kind == "stripes":
         base = 0.5 + 0.3 * np.sin(2 * np.pi * (x + 0.3 * y) / (size / 8))
         color = np.array([0.3, 0.5, 0.7])
+    elif kind == "grain":  # wood-like rings around an off-image centre
+        n = _smooth_noise(rng, size, 16)
+        r = np.hypot(x - size * rng.uniform(-0.5, 1.5), y + size * 0.8)
+        base = 0.55 + 0.2 * np.sin(r / (size / 40) + 4 * n)
+        color = np.array([0.75, 0.5, 0.28])
+    elif kind == "mesh":  # thin bright wires on a dark ground
+        period = size / 10
+        near = lambda v: np.abs(((v + 2) % period) - period / 2) < 1.2  # noqa: E731
+        wires = near(x) | near(y)
+        base = 0.25 + 0.6 * wires
+        color = np.array([0.7, 0.72, 0.75])
+    else:  # carpet: dense fibre noise
+        base = 0.5 + 0.25 * (rng.random((size, size)) - 0.5) + 0.2 * _smooth_noise(rng, size, 3)
+        color = np.array([0.45, 0.35, 0.55])
     base = base + 0.05 * _smooth_noise(rng, size, 4) + 0.02 * rng.standard_normal((size, size))
     return np.clip(base[..., None] * color[None, None] * 1.4, 0, 1)
 
@@ -69,6 +88,13 @@ def _object(kind: str, rng: np.random.Generator, size: int):
         d.rounded_rectangle([c[0] - r * 1.3, c[1] - r * 0.55, c[0] + r * 1.3, c[1] + r * 0.55],
                             radius=r * 0.55, fill=255)
         color = np.array([0.9, 0.85, 0.6])
+    elif kind == "button":
+        d.ellipse([c[0] - r, c[1] - r, c[0] + r, c[1] + r], fill=255)
+        for dx, dy in ((-1, -1), (1, -1), (-1, 1), (1, 1)):
+            h = r * 0.12
+            cx, cy = c[0] + dx * r * 0.3, c[1] + dy * r * 0.3
+            d.ellipse([cx - h, cy - h, cx + h, cy + h], fill=0)
+        color = np.array([0.3, 0.45, 0.8])
     else:  # hexnut
         angles = np.arange(6) * np.pi / 3 + rng.uniform(0, np.pi / 3)
         d.polygon([(c[0] + r * np.cos(a), c[1] + r * np.sin(a)) for a in angles], fill=255)
@@ -150,8 +176,8 @@ def generate(
     *,
     categories=CATEGORIES,
     size: int = 128,
-    normal: int = 6,
-    per_defect: int = 4,
+    normal: int = 10,
+    per_defect: int = 8,
     train_normal: int = 2,
     seed: int = 0,
 ) -> Path:

@@ -1,0 +1,235 @@
+"""Zero-shot evaluation: per-category and mean metrics, `results.json` / `results.md`, heatmaps
+and curve plots.
+
+Protocol (shared/reference/metrics.md §10): every metric per category over its test images, then
+the unweighted mean over categories. Maps are compared with masks at the network resolution (the
+official 512x512 protocol: masks resized bilinearly and re-thresholded) or, with
+`resolution="original"`, maps are upsampled bilinearly to each ground truth's original size.
+A metric that is undefined for a category (one class only, no masks) is NaN with a note and is
+left out of the mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from addinov3_jax import metrics, plots
+from addinov3_jax import model as ad
+from addinov3_jax.data import pipeline, readers
+from addinov3_jax.data.records import Record, decode_mask
+
+METRIC_KEYS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
+               "pixel_aupro")
+
+
+@dataclasses.dataclass
+class EvalOptions:
+    image_size: int = 512
+    batch_size: int = 8
+    resolution: str = "network"  # or "original"
+    class_name_source: str = "readable"
+    heatmaps_per_category: int = 4
+    curves: bool = True
+    fpr_limit: float = 0.3
+    worker_count: int = 0
+    text_cache_dir: str | None = None
+
+
+def predict_records(model: ad.ADDinoV3, records: Sequence[Record], words: Sequence[str],
+                    opts: EvalOptions, spec, desc: str = "eval"):
+    """Maps (N, S, S), scores (N,), masks (N, S, S) and the preprocessed images for heatmaps."""
+    from tqdm.auto import tqdm
+
+    source = pipeline.RecordSource(records)
+    pre = pipeline.Preprocess(size=(opts.image_size,) * 2,
+                              mask_threshold=spec.mask_threshold if spec else 0.5,
+                              classes=tuple(words), class_name_source=opts.class_name_source)
+    table = jnp.asarray(model.text_features(list(words), cache_dir=opts.text_cache_dir))
+    n = len(records)
+    maps = np.zeros((n, opts.image_size, opts.image_size), np.float32)
+    masks = np.zeros_like(maps, dtype=np.uint8)
+    scores = np.zeros(n, np.float32)
+    ds = pipeline.eval_dataset(source, pre, batch_size=opts.batch_size, worker_count=opts.worker_count)
+    for batch in tqdm(ds, total=-(-n // opts.batch_size), desc=desc, leave=False):
+        m, s = ad._predict(model, jnp.asarray(batch["image"]), table[jnp.asarray(batch["class_id"])])
+        valid = batch["valid"].astype(bool)
+        idx = batch["index"][valid]
+        maps[idx] = np.asarray(m)[valid]
+        scores[idx] = np.asarray(s)[valid]
+        masks[idx] = batch["mask"][valid].astype(np.uint8)
+    return maps, scores, masks
+
+
+def _original_resolution(records, maps):
+    """Maps upsampled to each original mask size, and the untouched binary ground truth."""
+    out_maps, out_masks = [], []
+    for r, m in zip(records, maps, strict=True):
+        with Image.open(r.image_path) as im:
+            w, h = im.size
+        if r.mask_path:
+            gt = np.asarray(decode_mask(Path(r.mask_path).read_bytes(), r.mask_path)) > 0
+        else:
+            gt = np.zeros((h, w), bool)
+        up = ad.upsample_bilinear(jnp.asarray(m)[None, ..., None], gt.shape)[0, ..., 0]
+        out_maps.append(np.asarray(up))
+        out_masks.append(gt)
+    return out_maps, out_masks
+
+
+def category_metrics(labels, scores, masks, maps, *, has_masks: bool, fpr_limit: float):
+    """METRICS dict and notes for one category."""
+    notes = []
+    row: dict[str, float] = {}
+    labels = np.asarray(labels)
+    if labels.min() == labels.max():
+        notes.append(f"image metrics undefined: only {'anomalous' if labels[0] else 'normal'} images")
+        row.update(image_auroc=math.nan, image_ap=math.nan, image_f1_max=math.nan)
+    else:
+        c = metrics.classification_metrics(labels, scores)
+        row.update(image_auroc=c["auroc"], image_ap=c["ap"], image_f1_max=c["f1_max"])
+    if not has_masks:
+        notes.append("pixel metrics undefined: anomalous images without masks")
+        row.update(pixel_auroc=math.nan, pixel_ap=math.nan, pixel_f1_max=math.nan, pixel_aupro=math.nan)
+    else:
+        if isinstance(maps, list):  # original resolution: different sizes, pooled pixels
+            gt = metrics.GroundTruth.from_masks_list(masks)
+            flat = np.concatenate([m.reshape(-1) for m in maps])
+        else:
+            gt, flat = metrics.GroundTruth.from_masks(masks), maps
+        p = metrics.pixel_metrics(None, flat, ground_truth=gt, fpr_limit=fpr_limit)
+        if math.isnan(p["auroc"]):
+            notes.append("pixel AUROC undefined: no anomalous pixels")
+        row.update(pixel_auroc=p["auroc"], pixel_ap=p["ap"], pixel_f1_max=p["f1_max"],
+                   pixel_aupro=p["aupro"])
+    row["num_images"] = int(len(labels))
+    return row, notes
+
+
+def mean_metrics(categories: dict[str, dict]) -> dict[str, float]:
+    out = {}
+    for k in METRIC_KEYS:
+        vals = [c[k] for c in categories.values() if not math.isnan(c[k])]
+        out[k] = float(np.mean(vals)) if vals else math.nan
+    out["num_images"] = int(sum(c["num_images"] for c in categories.values()))
+    return out
+
+
+def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple[str, str]], out_dir: str | os.PathLike,
+             *, classes: Sequence[str] | None = None, opts: EvalOptions | None = None,
+             config: dict | None = None, on_bad_sample: str = "error",
+             results_name: str = "results") -> dict:
+    """Evaluates `model` on each (dataset name, root); writes `{results_name}.json`, `.md`,
+    `heatmaps/` and `curves/` under `out_dir`; returns the results dict."""
+    opts = opts or EvalOptions()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict = {"datasets": {}, "config": config or {}}
+    for name, root in datasets:
+        spec = readers.spec_for(name)
+        chosen = tuple(classes) if classes else None
+        if spec and chosen:
+            chosen = tuple(c for c in chosen if c in spec.classes) or None
+        records, report = readers.read(name, root, split="test", classes=chosen,
+                                       on_bad_sample=on_bad_sample)
+        per_class: dict[str, list[Record]] = {}
+        for r in records:
+            per_class.setdefault(r.class_folder, []).append(r)
+        cats, notes = {}, {}
+        for cls, recs in sorted(per_class.items()):
+            words = sorted({r.object_word(opts.class_name_source) for r in recs})
+            maps, scores, masks = predict_records(model, recs, words, opts, spec, desc=f"{name}/{cls}")
+            labels = np.array([r.label for r in recs])
+            has_masks = all(r.has_mask for r in recs if r.label)
+            if opts.resolution == "original":
+                pmaps, pmasks = _original_resolution(recs, maps)
+            else:
+                pmaps, pmasks = maps, masks
+            cats[cls], cat_notes = category_metrics(labels, scores, pmasks, pmaps,
+                                                    has_masks=has_masks, fpr_limit=opts.fpr_limit)
+            if cat_notes:
+                notes[cls] = cat_notes
+            if opts.heatmaps_per_category:
+                plots.save_heatmaps(out_dir / "heatmaps" / name / cls, recs, maps, masks,
+                                    opts.heatmaps_per_category, opts.image_size)
+            if opts.curves and has_masks:
+                plots.save_curves(out_dir / "curves" / name / f"{cls}.png", labels, scores, masks,
+                                  maps, title=f"{name} / {cls}")
+        entry = {"categories": cats, "mean": mean_metrics(cats)}
+        if notes:
+            entry["notes"] = notes
+        if report.skipped or report.duplicates:
+            entry["skipped"] = [f"{p}: {why}" for p, why in report.skipped] + [
+                f"{p}: duplicate" for p in report.duplicates]
+        results["datasets"][name] = entry
+    (out_dir / f"{results_name}.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+    (out_dir / f"{results_name}.md").write_text(markdown(results))
+    return results
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+def markdown(results: dict, other: dict | None = None, titles=("", "")) -> str:
+    """Per-category tables (x100); with `other`, each cell shows `ours / other`."""
+    lines = []
+    head = "| category | " + " | ".join(METRIC_KEYS) + " | images |"
+    sep = "|---" * (len(METRIC_KEYS) + 2) + "|"
+    for name, entry in results["datasets"].items():
+        lines += [f"## {name}" + (f" ({titles[0]} / {titles[1]})" if other else ""), "", head, sep]
+        rows = list(entry["categories"].items()) + [("**mean**", entry["mean"])]
+        for cls, row in rows:
+            o = None
+            if other:
+                src = other["datasets"][name]
+                o = src["mean"] if cls == "**mean**" else src["categories"].get(cls)
+            cells = [(_fmt(row[k]) + (f" / {_fmt(o[k])}" if o else "")) for k in METRIC_KEYS]
+            lines.append(f"| {cls} | " + " | ".join(cells) + f" | {row['num_images']} |")
+        for cls, ns in entry.get("notes", {}).items():
+            lines += [f"- {cls}: {n}" for n in ns]
+        lines.append("")
+    lines.append("Metrics x100 per category, mean = unweighted mean over categories (n/a excluded). "
+                 "AUPRO: MVTec reference algorithm, FPR limit 0.3.")
+    return "\n".join(lines) + "\n"
+
+
+def run_from_config(config, workdir: str | os.PathLike, *, model: ad.ADDinoV3 | None = None,
+                    results_name: str = "results") -> dict:
+    """`addinov3 eval`: the final model of `workdir` (or `model`) on `config.eval.datasets`."""
+    workdir = Path(workdir)
+    if model is None:
+        if not (workdir / "model" / ad.MODEL_FILE).is_file():
+            raise FileNotFoundError(f"{workdir / 'model'}: no trained model; run `addinov3 train` "
+                                    "with the same --workdir first")
+        model = ad.load(workdir / "model")
+    datasets = []
+    for item in config.eval.datasets:
+        name, _, root = item.partition("=")
+        if not root:
+            raise ValueError(f"eval dataset {item!r} must look like NAME=ROOT")
+        if name == "synthetic" and not Path(root).exists():
+            from addinov3_jax.data import synthetic
+
+            synthetic.generate(root)
+        datasets.append((name, root))
+    opts = EvalOptions(image_size=config.data.image_size, batch_size=config.eval.batch_size,
+                       resolution=config.eval.resolution,
+                       class_name_source=config.model.class_name_source,
+                       heatmaps_per_category=config.eval.heatmaps_per_category,
+                       curves=config.eval.curves, text_cache_dir=str(workdir / "text_cache"))
+    return evaluate(model, datasets, workdir, classes=tuple(config.eval.classes) or None, opts=opts,
+                    config=json.loads(config.to_json_best_effort()), results_name=results_name)
+
+
+def device_summary() -> str:
+    return ", ".join(sorted({d.platform for d in jax.devices()})) + f" x{jax.device_count()}"
