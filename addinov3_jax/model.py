@@ -111,7 +111,8 @@ def standardize(patches_bnd: jax.Array, eps: float) -> jax.Array:
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    """x / ||x||; a zero vector (a constant image's patches) stays zero instead of NaN."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def arrange_text(t_n: jax.Array, t_a: jax.Array, layout: str) -> jax.Array:

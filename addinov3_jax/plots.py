@@ -16,7 +16,7 @@ _RAMP = np.array([[0, 0, 128], [0, 64, 255], [0, 200, 255], [120, 255, 120], [25
 
 def colormap(x: np.ndarray) -> np.ndarray:
     """(H, W) values in [0, 1] -> (H, W, 3) uint8 colours."""
-    x = np.clip(x, 0, 1) * (len(_RAMP) - 1)
+    x = np.clip(np.nan_to_num(x), 0, 1) * (len(_RAMP) - 1)
     lo = np.floor(x).astype(int)
     hi = np.minimum(lo + 1, len(_RAMP) - 1)
     t = (x - lo)[..., None]

@@ -454,8 +454,23 @@ class _Writers:
             self.tb.close()
 
 
+def init_multihost() -> None:
+    """`jax.distributed.initialize()`: from ADDINOV3_COORDINATOR / ADDINOV3_NUM_PROCESSES /
+    ADDINOV3_PROCESS_ID when set (e.g. several processes on one machine), else auto-detected
+    (TPU pods, SLURM, ...). CPU processes exchange data with gloo."""
+    env = os.environ
+    if env.get("JAX_PLATFORMS", "") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if "ADDINOV3_COORDINATOR" in env:
+        jax.distributed.initialize(coordinator_address=env["ADDINOV3_COORDINATOR"],
+                                   num_processes=int(env["ADDINOV3_NUM_PROCESSES"]),
+                                   process_id=int(env["ADDINOV3_PROCESS_ID"]))
+    else:
+        jax.distributed.initialize()
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Trains (or resumes) in `workdir`; returns a summary."""
     if config.multihost:
-        jax.distributed.initialize()
+        init_multihost()
     return Trainer(config, Path(workdir)).run()

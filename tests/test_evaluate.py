@@ -1,0 +1,126 @@
+"""Evaluation files and schema, one-class categories, original-resolution mode, `predict` on a
+folder of mixed-size images, and the demo end to end (quick)."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from addinov3_jax import clip_text, dinov3, evaluate, predict
+from addinov3_jax import model as ad
+from addinov3_jax.data import synthetic
+
+KEYS = {"image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
+        "pixel_aupro", "num_images"}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    backbone = dinov3.create("tiny", rngs=nnx.Rngs(0))
+    text = clip_text.create("tiny", rngs=nnx.Rngs(1))
+    return ad.ADDinoV3(backbone, text, ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval") / "synthetic"
+    return synthetic.generate(root, categories=("pill", "weave"), size=64, normal=2, per_defect=2)
+
+
+def test_eval_writes_documented_files(tiny, syn, tmp_path):
+    opts = evaluate.EvalOptions(image_size=64, batch_size=4, heatmaps_per_category=2)
+    results = evaluate.evaluate(tiny, [("synthetic", str(syn))], tmp_path, opts=opts,
+                                classes=("pill", "weave"),
+                                config={"note": "test"})
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["config"] == {"note": "test"}
+    entry = saved["datasets"]["synthetic"]
+    assert set(entry["categories"]) == {"pill", "weave"}
+    for row in [*entry["categories"].values(), entry["mean"]]:
+        assert set(row) == KEYS
+        for k in KEYS - {"num_images"}:
+            assert 0.0 <= row[k] <= 1.0
+    assert entry["mean"]["num_images"] == 2 * (2 + 6)
+    mean = np.mean([c["pixel_auroc"] for c in entry["categories"].values()])
+    assert entry["mean"]["pixel_auroc"] == pytest.approx(mean)
+    assert results["datasets"]["synthetic"]["mean"] == entry["mean"]
+    assert "| pill |" in (tmp_path / "results.md").read_text()
+    assert len(list((tmp_path / "heatmaps" / "synthetic" / "pill").glob("*.png"))) == 2
+    assert (tmp_path / "curves" / "synthetic" / "weave.png").is_file()
+
+
+def test_one_class_categories_and_original_resolution(tiny, tmp_path):
+    # A user folder: class "all_bad" has anomalies only (image metrics undefined), and the images
+    # have their own, non-square size.
+    for i in range(3):
+        img = (np.random.default_rng(i).random((40, 56, 3)) * 255).astype(np.uint8)
+        Image.fromarray(img).save(_mk(tmp_path / "data/all_bad/anomalous" / f"{i}.png"))
+        mask = np.zeros((40, 56), np.uint8)
+        mask[10:20, 10 + i : 30] = 255
+        Image.fromarray(mask).save(_mk(tmp_path / "data/all_bad/masks" / f"{i}_mask.png"))
+    for resolution in ("network", "original"):
+        opts = evaluate.EvalOptions(image_size=64, batch_size=2, heatmaps_per_category=0,
+                                    curves=False, resolution=resolution)
+        r = evaluate.evaluate(tiny, [("folder", str(tmp_path / "data"))], tmp_path / resolution,
+                              opts=opts)
+        entry = r["datasets"]["folder"]
+        row = entry["categories"]["all_bad"]
+        assert math.isnan(row["image_auroc"]) and math.isnan(entry["mean"]["image_auroc"])
+        assert "only anomalous images" in entry["notes"]["all_bad"][0]
+        assert 0 <= row["pixel_auroc"] <= 1
+    text = (tmp_path / "original" / "results.json").read_text()
+    assert "NaN" in text and "n/a" in (tmp_path / "original" / "results.md").read_text()
+
+
+def _mk(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_predict_on_mixed_size_folder(tiny, tmp_path):
+    sizes = [(40, 30), (100, 64), (33, 77)]
+    for i, (w, h) in enumerate(sizes):
+        img = (np.random.default_rng(i).random((h, w, 3)) * 255).astype(np.uint8)
+        Image.fromarray(img).save(_mk(tmp_path / "in" / ("sub" if i else "") / f"img{i}.png"))
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "in" / "gray.png")
+    ad.save(tiny, tmp_path / "model")
+    from addinov3_jax.cli import main
+
+    assert main(["predict", "--checkpoint", str(tmp_path / "model"), "--class-name", "widget",
+                 "--output", str(tmp_path / "out"), "--image-size", "64", "--batch-size", "2",
+                 "--save-maps", str(tmp_path / "in")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "out" / "scores.csv")))
+    assert len(rows) == 4
+    for row in rows:
+        w, h = int(row["width"]), int(row["height"])
+        assert np.load(tmp_path / "out" / "maps" / f"{row['name']}.npy").shape == (h, w)
+        assert Image.open(tmp_path / "out" / "heatmaps" / f"{row['name']}.png").size == (2 * w, h)
+        assert 0 <= float(row["score"]) <= 1
+    meta = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert meta["class_name"] == "widget" and len(meta["images"]) == 4
+    # Same predictions as the in-memory model, image by image.
+    model = predict.load_model(tmp_path / "model")
+    again = predict.predict(model, [tmp_path / "in" / "img0.png"], "widget", tmp_path / "out2",
+                            image_size=64, batch_size=2)
+    first = next(r for r in rows if r["name"] == "img0")
+    assert again[0]["score"] == pytest.approx(float(first["score"]), abs=1e-6)
+
+
+def test_demo_end_to_end_quick(tmp_path):
+    from addinov3_jax import demo
+
+    assert demo.run(workdir=str(tmp_path), quick=True) == 0
+    for name in ("results.json", "results_untrained.json", "results.md", "demo_report.json"):
+        assert (tmp_path / name).is_file(), name
+    trained = json.loads((tmp_path / "results.json").read_text())
+    untrained = json.loads((tmp_path / "results_untrained.json").read_text())
+    held_out = set(trained["datasets"]["synthetic"]["categories"])
+    assert held_out == {"weave", "carpet", "pill", "hexnut"} == set(
+        untrained["datasets"]["synthetic"]["categories"])
+    assert "trained / untrained" in (tmp_path / "results.md").read_text()
+    assert list((tmp_path / "heatmaps" / "synthetic").rglob("*.png"))
