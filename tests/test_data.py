@@ -129,6 +129,9 @@ def test_synthetic_is_deterministic(tmp_path):
             assert set(np.unique(m)) == {0, 255} and (m > 0).sum() > 5
 
 
+N_SYN = len(synthetic.CATEGORIES) * (2 + 3)  # images of the `syn` fixture
+
+
 @pytest.fixture(scope="module")
 def syn(tmp_path_factory):
     root = tmp_path_factory.mktemp("syn")
@@ -138,7 +141,7 @@ def syn(tmp_path_factory):
 
 def test_tfds_round_trip_equals_raw_reader(syn, tmp_path):
     builder = tfds_builders.build("synthetic", syn, tmp_path / "tfds")
-    assert builder.info.splits["test"].num_examples == 30
+    assert builder.info.splits["test"].num_examples == N_SYN
     stored = tfds_builders.data_source("synthetic", tmp_path / "tfds")
     raw = pipeline.RecordSource(readers.read("synthetic", syn)[0])
     assert len(stored) == len(raw)
@@ -178,13 +181,13 @@ def test_train_iterator_resume_and_epochs(syn):
     again = iter(pipeline.train_dataset(src, pre, batch_size=4, seed=3, num_epochs=2))
     again.set_state(state)
     resumed = [b["image"] for b in again]
-    assert len(rest) == len(resumed) == (2 * 30) // 4 - 3  # batches run across epochs
+    assert len(rest) == len(resumed) == (2 * N_SYN) // 4 - 3  # batches run across epochs
     for a, b in zip(rest, resumed, strict=True):
         np.testing.assert_array_equal(a, b)
     # Each epoch is a different permutation of the same examples.
     one = pipeline.train_dataset(src, pre, batch_size=1, seed=3, num_epochs=2)
     ids = [int(b["class_id"][0] * 1000 + b["label"][0]) for b in one]
-    assert ids[:30] != ids[30:] and sorted(ids[:30]) == sorted(ids[30:])
+    assert ids[:N_SYN] != ids[N_SYN:] and sorted(ids[:N_SYN]) == sorted(ids[N_SYN:])
 
 
 def test_process_shards_partition_the_data(syn):
@@ -210,13 +213,13 @@ def test_eval_dataset_is_ordered_complete_and_padded(syn):
     batches = list(pipeline.eval_dataset(src, pre, batch_size=8))
     index = np.concatenate([b["index"] for b in batches])
     valid = np.concatenate([b["valid"] for b in batches])
-    assert len(batches) == 4 and valid.sum() == 30 and not valid[30:].any()
-    np.testing.assert_array_equal(index[valid == 1], np.arange(30))
+    assert len(batches) == -(-N_SYN // 8) and valid.sum() == N_SYN and not valid[N_SYN:].any()
+    np.testing.assert_array_equal(index[valid == 1], np.arange(N_SYN))
     shards = [list(pipeline.eval_dataset(src, pre, batch_size=4, shard_index=s, shard_count=2))
               for s in range(2)]
     assert len(shards[0]) == len(shards[1])
     got = np.concatenate([b["index"][b["valid"] == 1] for s in shards for b in s])
-    np.testing.assert_array_equal(np.sort(got), np.arange(30))
+    np.testing.assert_array_equal(np.sort(got), np.arange(N_SYN))
 
 
 # ------------------------------------------------------------------------------ bad input
