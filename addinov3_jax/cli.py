@@ -82,7 +82,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _dataset_names() -> list[str]:
-    return ["mvtec", "visa", "btad", "mpdd", "isic", "colondb", "clinicdb", "tn3k", "synthetic"]
+    from addinov3_jax.data.readers import DATASETS
+
+    return list(DATASETS)
 
 
 def _data_inspect(args: argparse.Namespace) -> int:

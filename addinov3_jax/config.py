@@ -44,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.b2 = 0.999
     c.train.weight_decay = 1e-2
     c.train.warmup_fraction = 0.03
-    c.train.feature_cache = "auto"  # "device", "disk", "off" or "auto"
+    c.train.feature_cache = "auto"  # "device", "memory" (host RAM), "disk", "off"; "auto": device
+    # when it fits in feature_cache_max_gb, else disk (single-host; multi-host runs use "off")
     c.train.feature_cache_dtype = "float32"  # or "bfloat16"
     c.train.feature_cache_max_gb = 8.0  # "auto": device memory up to this size, else disk
     c.train.log_every = 10

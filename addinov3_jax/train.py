@@ -258,6 +258,11 @@ class Trainer:
         t = self.config.train
         if t.feature_cache == "off":
             return None
+        if jax.process_count() > 1:  # each host would cache a different part of the data
+            if t.feature_cache == "auto":
+                return None
+            raise ValueError("the feature cache is single-host; use --config.train.feature_cache=off "
+                             "(or auto) for multi-host training")
         cfg_b = self.model.backbone.config
         n_layers, tokens = len(self.head_cfg.feature_layers), self.grid[0] * self.grid[1]
         mode = t.feature_cache
@@ -268,23 +273,18 @@ class Trainer:
         cache = FeatureCache(len(self.source), n_layers, tokens, cfg_b.embed_dim, self.size, mode,
                              t.feature_cache_dtype, self.workdir / "feature_cache")
         ds = pipeline.eval_dataset(self.source, self.preprocess, batch_size=self.local_batch,
-                                   shard_index=jax.process_index(), shard_count=jax.process_count(),
                                    worker_count=self.config.data.worker_count)
         bar = _progress(self.is_main, total=-(-len(self.source) // self.config.train.batch_size),
                         desc=f"feature cache ({mode})")
         for local in ds:
             b = global_batch(local, self.mesh, ["image"])
             patches, cls = self.features(self.bb_state, b["image"])
-            # Each process writes the rows it owns (its addressable shards of the batch).
             valid = local["valid"].astype(bool)
             idx = local["index"][valid]
-            cache.write(idx, _local_rows(patches)[:, valid], _local_rows(cls)[:, valid],
+            cache.write(idx, np.asarray(patches)[:, valid], np.asarray(cls)[:, valid],
                         {k: local[k][valid] for k in ("mask", "label", "class_id")})
             bar.update(1)
         bar.close()
-        if jax.process_count() > 1 and mode != "disk":
-            raise NotImplementedError("multi-host feature caches need feature_cache='disk' on a "
-                                      "shared filesystem or 'off'")
         cache.finalize(self.mesh)
         return cache
 
@@ -407,18 +407,6 @@ class _IndexOnly:
 
     def __call__(self, i):
         return {"index": np.int32(i)}
-
-
-def _local_rows(x: jax.Array) -> np.ndarray:
-    """The process-local part of a batch-sharded (L, B, ...) array, rows in batch order."""
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[1].start or 0)
-    seen, parts = set(), []
-    for s in shards:
-        key = s.index[1].start or 0
-        if key not in seen:
-            seen.add(key)
-            parts.append(np.asarray(s.data))
-    return np.concatenate(parts, axis=1)
 
 
 def _progress(enabled: bool, **kw):

@@ -305,3 +305,14 @@ def test_data_cli(tmp_path, capsys):
     assert main(["data", "make-meta", "synthetic", "--root", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "meta.json").is_file()
     assert main(["data", "inspect", "mvtec", "--root", str(tmp_path / "missing")]) == 1
+
+
+def test_worker_prefetch_gives_the_same_batches(syn):
+    src = pipeline.RecordSource(readers.read("synthetic", syn)[0])
+    pre = pipeline.Preprocess(size=(16, 16), classes=pipeline.class_words(src))
+    plain = [b["image"] for b in pipeline.train_dataset(src, pre, batch_size=8, seed=1, num_epochs=1)]
+    workers = [b["image"] for b in pipeline.train_dataset(src, pre, batch_size=8, seed=1,
+                                                          num_epochs=1, worker_count=2)]
+    assert len(plain) == len(workers) == N_SYN // 8
+    for a, b in zip(plain, workers, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -129,3 +129,20 @@ def test_200_threshold_variant_is_different_and_labelled():
     assert abs(metrics.aupro(masks, warped) - ref) < 1e-9
     assert abs(metrics.aupro_200_thresholds(masks, warped) - cflow) > 1e-4
     assert np.isnan(metrics.aupro_200_thresholds(masks, np.zeros(masks.shape)))
+
+
+def test_jax_and_numpy_backends_agree():
+    rng = np.random.default_rng(11)
+    masks = np.zeros((3, 40, 30), bool)
+    masks[0, 5:15, 5:12] = masks[1, 20:30, 3:9] = True
+    maps = np.round(rng.random(masks.shape) + masks * 0.3, 3).astype(np.float32)
+    maps[2, :5] = -maps[2, :5]  # negative scores keep their order in the packed sort keys
+    a = metrics.pixel_metrics(masks, maps, backend="numpy")
+    b = metrics.pixel_metrics(masks, maps, backend="jax")
+    for k in a:
+        assert abs(a[k] - b[k]) < 1e-12, k
+    y, s = masks.reshape(-1), maps.reshape(-1)
+    assert abs(a["auroc"] - roc_auc_score(y, s)) < 1e-9
+    c_jax = metrics.classification_metrics(y, s, backend="jax")
+    c_np = metrics.classification_metrics(y, s, backend="numpy")
+    assert all(abs(c_jax[k] - c_np[k]) < 1e-12 for k in c_np)

@@ -126,10 +126,19 @@ def train_dataset(
         raise DataError(f"{len(ds)} training examples on this process, fewer than one batch of "
                         f"{batch_size}; lower the batch size")
     ds = ds.shuffle(seed=seed).repeat(num_epochs).map(preprocess).batch(batch_size, drop_remainder=True)
-    it = ds.to_iter_dataset()
-    if worker_count > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return it
+    return _prefetch(ds.to_iter_dataset(), worker_count)
+
+
+def _prefetch(ds: grain.IterDataset, worker_count: int) -> grain.IterDataset:
+    """Worker-process prefetch (grain reads absl flags, which a library caller may not have parsed;
+    scripts using workers need an `if __name__ == "__main__":` guard)."""
+    if worker_count <= 0:
+        return ds
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, shard_count: int = 1) -> int:
@@ -154,10 +163,7 @@ def eval_dataset(
     start = shard_index * per_shard
     get = _PaddedGet(source, preprocess, start, n)
     ds = grain.MapDataset.range(per_shard).map(get).batch(batch_size)
-    it = ds.to_iter_dataset()
-    if worker_count > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return it
+    return _prefetch(ds.to_iter_dataset(), worker_count)
 
 
 @dataclasses.dataclass(frozen=True)
