@@ -141,6 +141,20 @@ class Adapters(nnx.Module):
         return {k: getattr(self, k)[...] for k in self.NAMES}
 
 
+def _logits(adapters, patches_lbnd, cls_lbd, text_be2, cfg: HeadConfig):
+    """Grid-level cross-modal logits (L, B, N, 2), AACM logits (L, B, N) and global logits (B, 2)."""
+    act = lambda x: jax.nn.leaky_relu(x, cfg.leaky_slope)  # noqa: E731
+    p = l2_normalize(act(jnp.einsum("lbnd,lde->lbne", patches_lbnd, adapters["patch"])))
+    c = l2_normalize(act(jnp.einsum("lbd,lde->lbe", cls_lbd, adapters["cls"])))
+    t_n = act(text_be2[..., 0] @ adapters["prompt"][0])
+    t_a = act(text_be2[..., 1] @ adapters["prompt"][1])
+    text = arrange_text(t_n, t_a, cfg.text_layout)  # (B, E, 2)
+    cross = cfg.patch_logit_scale * jnp.einsum("lbne,bek->lbnk", p, text)
+    aacm = cfg.aacm_logit_scale * jnp.einsum("lbne,lbe->lbn", p, c)
+    g = (cfg.patch_logit_scale * jnp.einsum("lbe,bek->lbk", c, text)).mean(0)
+    return cross, aacm, g
+
+
 def head(
     adapters,
     patches_lbnd: jax.Array,
@@ -155,23 +169,27 @@ def head(
     `adapters` maps "patch", "cls", "prompt" to the adapter kernels (an `Adapters` module's
     values, or the plain dict the trainer optimises). Returns `M`, `A` (B, H, W, 2), `g` (B, 2).
     """
-    act = lambda x: jax.nn.leaky_relu(x, cfg.leaky_slope)  # noqa: E731
-    p = l2_normalize(act(jnp.einsum("lbnd,lde->lbne", patches_lbnd, adapters["patch"])))
-    c = l2_normalize(act(jnp.einsum("lbd,lde->lbe", cls_lbd, adapters["cls"])))
-    t_n = act(text_be2[..., 0] @ adapters["prompt"][0])
-    t_a = act(text_be2[..., 1] @ adapters["prompt"][1])
-    text = arrange_text(t_n, t_a, cfg.text_layout)  # (B, E, 2)
-    n_layers, b = p.shape[:2]
-    h, w = grid
-    cross = cfg.patch_logit_scale * jnp.einsum("lbne,bek->lbnk", p, text)
-    aacm = cfg.aacm_logit_scale * jnp.einsum("lbne,lbe->lbn", p, c)[..., None]
-    logits = jnp.concatenate([cross, aacm], axis=-1).reshape(n_layers * b, h, w, 3)
+    cross, aacm, g = _logits(adapters, patches_lbnd, cls_lbd, text_be2, cfg)
+    n_layers, b = cross.shape[:2]
+    logits = jnp.concatenate([cross, aacm[..., None]], axis=-1).reshape(n_layers * b, *grid, 3)
     up = upsample_bilinear(logits, out_size).reshape(n_layers, b, *out_size, 3)
     m = jax.nn.softmax(up[..., :2], axis=-1).mean(0)
     s = jax.nn.sigmoid(up[..., 2:])
     a = jnp.concatenate([1 - s, s], axis=-1).mean(0)
-    g = (cfg.patch_logit_scale * jnp.einsum("lbe,bek->lbk", c, text)).mean(0)
     return {"M": m, "A": a, "g": g}
+
+
+def anomaly_map(adapters, patches_lbnd, cls_lbd, text_be2, grid, out_size, cfg: HeadConfig):
+    """Inference only: `M[..., 1]` (B, H, W) and `g` (B, 2), a third of `head`'s upsampling.
+
+    A 2-way softmax is the sigmoid of the logit difference and upsampling is linear, so
+    `softmax(up(l))[1] = sigmoid(up(l_a - l_n))`; the AACM map is not needed at inference.
+    """
+    cross, _, g = _logits(adapters, patches_lbnd, cls_lbd, text_be2, cfg)
+    n_layers, b = cross.shape[:2]
+    diff = (cross[..., 1] - cross[..., 0]).reshape(n_layers * b, *grid, 1)
+    up = upsample_bilinear(diff, out_size).reshape(n_layers, b, *out_size)
+    return jax.nn.sigmoid(up).mean(0), g
 
 
 def image_scores(maps_bhw: jax.Array, g_b2: jax.Array, mode: str) -> jax.Array:
@@ -250,11 +268,14 @@ class ADDinoV3(nnx.Module):
 
 @nnx.jit
 def _predict(model: ADDinoV3, images, text_be2):
-    out = model(images, text_be2)
-    maps = out["M"][..., 1]
+    p = model.backbone.config.patch_size
+    grid = (images.shape[1] // p, images.shape[2] // p)
+    patches, cls = model.features(images)
+    maps, g = anomaly_map(model.adapters.weights(), patches, cls, text_be2, grid,
+                          images.shape[1:3], model.config)
     if model.config.smoothing_sigma > 0:
         maps = gaussian_blur(maps, model.config.smoothing_sigma)
-    return maps, image_scores(maps, out["g"], model.config.image_score)
+    return maps, image_scores(maps, g, model.config.image_score)
 
 
 def trainable(model: ADDinoV3) -> nnx.State:

@@ -178,6 +178,8 @@ def test_predict_scores_and_smoothing(rng):
     from scipy.ndimage import gaussian_filter
 
     raw = np.asarray(out["M"][..., 1])
+    unsmoothed = tiny_model("stack").predict(images, ["bottle", "screw", "bottle"])[0]
+    np.testing.assert_allclose(unsmoothed, raw, atol=2e-6)  # sigmoid-of-difference path
     smooth = np.stack([gaussian_filter(m, sigma=2.0) for m in raw])
     np.testing.assert_allclose(maps, smooth, atol=1e-6)
     glob = np.asarray(jax.nn.softmax(out["g"])[:, 1])
