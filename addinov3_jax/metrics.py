@@ -79,6 +79,30 @@ def _from_sorted(xp, cummax, s, pay, inv_region_size, n_pos, n_neg, n_regions, f
     return xp.stack([auroc, ap, f1, (seg + corr) / fpr_limit])
 
 
+def _from_sorted_numpy(s, pay, inv_region_size, n_pos, n_neg, n_regions, fpr_limit):
+    """`_from_sorted` on the host: the same formulas on the compacted distinct-threshold points
+    (boolean indexing instead of masked scans, several times faster in NumPy)."""
+    pos = pay > 0
+    keep = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
+    tp = np.cumsum(pos, dtype=np.int64)[keep]
+    fp = (keep + 1) - tp
+    pro = np.minimum(np.cumsum(inv_region_size[pay])[keep] / n_regions, 1.0)
+    tp_prev, fp_prev = np.r_[0, tp[:-1]], np.r_[0, fp[:-1]]
+    p, n = np.float64(n_pos), np.float64(n_neg)  # numpy scalars: 0/0 gives NaN, not an error
+    auroc = np.sum((fp - fp_prev) * (tp + tp_prev)).astype(np.float64) / (2.0 * p * n)
+    precision = tp / np.maximum(tp + fp, 1).astype(np.float64)
+    ap = np.sum((tp - tp_prev) * precision) / p
+    f1 = np.max(2.0 * tp / (p + tp + fp))
+    x = np.r_[0.0, np.minimum(fp / n, 1.0), 1.0]
+    y = np.r_[0.0, pro, 1.0]
+    i = int(np.searchsorted(x, fpr_limit, side="right"))  # x[i - 1] <= limit < x[i]
+    area = np.sum(0.5 * (y[1:i] + y[: i - 1]) * (x[1:i] - x[: i - 1]))
+    if i < len(x):
+        y_star = y[i - 1] + (y[i] - y[i - 1]) * (fpr_limit - x[i - 1]) / (x[i] - x[i - 1])
+        area += 0.5 * (y_star + y[i - 1]) * (fpr_limit - x[i - 1])
+    return np.array([auroc, ap, f1, area / fpr_limit], np.float64)
+
+
 @functools.partial(jax.jit, static_argnames=("fpr_limit",))
 def _curve_metrics_jax(scores, payload, inv_region_size, n_pos, n_neg, n_regions, fpr_limit):
     s, pay = _sort_desc(jnp, scores, payload)
@@ -98,9 +122,8 @@ def _run(scores, payload, inv_sizes, n_pos, n_neg, n_regions, fpr_limit, backend
     if backend == "numpy":
         s, pay = _sort_desc(np, scores, np.asarray(payload))
         with np.errstate(invalid="ignore", divide="ignore"):  # undefined cases become NaN
-            out = _from_sorted(np, np.maximum.accumulate, s, pay, np.asarray(inv_sizes, np.float64),
-                               n_pos, n_neg, n_regions, float(fpr_limit))
-        return np.asarray(out, np.float64)
+            return _from_sorted_numpy(s, pay, np.asarray(inv_sizes, np.float64), n_pos, n_neg,
+                                      n_regions, float(fpr_limit))
     with jax.enable_x64(True):
         device = None if backend == "jax" else jax.devices(backend)[0]
         args = (jnp.asarray(scores), jnp.asarray(payload, jnp.int32),
