@@ -92,15 +92,15 @@ def training_source(cfg: ml_collections.ConfigDict):
     return source, words, pre, report
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with a linear warm-up from 0 over the first `warmup_fraction` of the steps, then
-    constant (the official LambdaLR: lr * step / warmup)."""
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
+    """(AdamW, its schedule): linear warm-up from 0 over the first `warmup_fraction` of the steps,
+    then constant (the official LambdaLR: lr * step / warmup)."""
     t = cfg.train
     warmup = int(t.warmup_fraction * total_steps)
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, t.lr, max(warmup, 1)), optax.constant_schedule(t.lr)],
         [warmup]) if warmup > 0 else optax.constant_schedule(t.lr)
-    return optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=1e-8, weight_decay=t.weight_decay)
+    return optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=1e-8, weight_decay=t.weight_decay), schedule
 
 
 def global_batch(local: dict[str, np.ndarray], mesh, keys) -> dict[str, jax.Array]:
@@ -203,7 +203,7 @@ class Trainer:
             raise ValueError(f"{len(self.source)} training images are fewer than one batch of "
                              f"{cfg.train.batch_size}")
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
-        self.tx = make_optimizer(cfg, self.total_steps)
+        self.tx, self.schedule = make_optimizer(cfg, self.total_steps)
         self.size = cfg.data.image_size
         p = self.model.backbone.config.patch_size
         self.grid = (self.size // p, self.size // p)
@@ -248,7 +248,7 @@ class Trainer:
     def _iterator(self, cached: bool):
         cfg = self.config
         src = list(range(len(self.source))) if cached else self.source
-        pre = _IndexOnly(self.preprocess) if cached else self.preprocess
+        pre = _index_only if cached else self.preprocess
         return iter(pipeline.train_dataset(
             src, pre, batch_size=self.local_batch, seed=cfg.seed, num_epochs=cfg.train.epochs,
             shard_index=jax.process_index(), shard_count=jax.process_count(),
@@ -362,7 +362,7 @@ class Trainer:
                 dt = time.perf_counter() - t_last
                 rate = (done - n_last) / max(dt, 1e-9)
                 row = {k: float(v) for k, v in terms.items()}
-                row.update(step=done, lr=float(self._lr(done - 1)), steps_per_s=rate,
+                row.update(step=done, lr=float(self.schedule(done - 1)), steps_per_s=rate,
                            images_per_s=rate * cfg.train.batch_size)
                 writer.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
@@ -385,11 +385,6 @@ class Trainer:
                 "compilations": self.step._cache_size(),
                 "final": {k: float(v) for k, v in (last_terms or {}).items()}}
 
-    def _lr(self, count: int) -> float:
-        t = self.config.train
-        warmup = int(t.warmup_fraction * self.total_steps)
-        return t.lr * min(1.0, count / warmup) if warmup > 0 else t.lr
-
     def save_model(self) -> Path:
         """Writes `workdir/model/` (adapters + towers or references) for `predict` / `eval`."""
         m = self.config.model
@@ -399,14 +394,9 @@ class Trainer:
                        text_tower=ref(m.text_tower))
 
 
-@dataclasses.dataclass(frozen=True)
-class _IndexOnly:
-    """Cached training reads only the example's position (and its label / class)."""
-
-    preprocess: pipeline.Preprocess
-
-    def __call__(self, i):
-        return {"index": np.int32(i)}
+def _index_only(i) -> dict:
+    """Cached training reads only the example's position; the cache holds the rest."""
+    return {"index": np.int32(i)}
 
 
 def _progress(enabled: bool, **kw):
