@@ -155,3 +155,20 @@ def test_two_processes_on_localhost(data, tmp_path):
     assert max(steps) == 4 and (tmp_path / "model" / "model.json").is_file()
     rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 4  # written by process 0 only
+
+
+def test_training_from_arrayrecord_equals_raw(data, tmp_path):
+    from addinov3_jax.data import tfds_builders
+
+    tfds_builders.build("synthetic", data, tmp_path / "tfds")
+    raw = tiny_config(data, epochs=2)
+    raw.data.classes = ()  # the built dataset holds every class of the folder
+    stored = tiny_config(data, epochs=2)
+    stored.data.classes = ()
+    stored.data.source = "tfds"
+    stored.data.tfds_data_dir = str(tmp_path / "tfds")
+    train.train(raw, tmp_path / "raw")
+    train.train(stored, tmp_path / "stored")
+    a, b = final_params(tmp_path / "raw"), final_params(tmp_path / "stored")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -28,6 +28,7 @@ class DatasetSpec:
     normal_dir: str = "good"
     mask_threshold: float = 0.5  # binarisation after resizing (VisA: any non-zero, as official)
     image_level: bool = True  # False for the all-anomalous medical sets
+    classes_from_disk: bool = False  # the class list is whatever class folders exist
 
 
 def _spec(name, layout, readable, **kw):
@@ -57,7 +58,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "clinicdb": _spec("clinicdb", "mvtec", {"01": "colon"}, image_level=False),
     "tn3k": _spec("tn3k", "tn3k", {"01": "thyroid"}, image_level=False),
     # The generated dataset of `data/synthetic.py` (MVTec layout).
-    "synthetic": _spec("synthetic", "mvtec", synthetic.READABLE),
+    "synthetic": _spec("synthetic", "mvtec", synthetic.READABLE, classes_from_disk=True),
 }
 
 
@@ -248,6 +249,8 @@ def read(
         known = tuple(sorted(d.name for d in root.iterdir() if d.is_dir()))
     elif base in DATASETS:
         known = DATASETS[base].classes
+        if DATASETS[base].classes_from_disk:
+            known = tuple(c for c in known if (root / c).is_dir())
     else:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}, folder, meta:<name>")
     chosen = tuple(known if classes is None else classes)
