@@ -40,3 +40,14 @@ def test_bad_source_is_one_clear_line(tmp_path):
                    "--output", str(tmp_path / "out"))
     assert res.returncode == 1
     assert "no such file" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_core_dependencies_exclude_torch():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    core = " ".join(project["dependencies"]).lower()
+    assert "torch" not in core and "transformers" not in core
+    assert all("torch==2.13.0" in " ".join(v) for k, v in project["optional-dependencies"].items()
+               if any("torch" in d for d in v))
