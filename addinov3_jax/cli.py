@@ -144,7 +144,7 @@ def _demo(args: argparse.Namespace) -> int:
     from addinov3_jax import demo
 
     return demo.run(workdir=args.workdir, seed=args.seed, dinov3=args.dinov3,
-                    clip_text=args.clip_text, quick=args.quick)
+                    clip_text=args.clip_text, quick=args.quick, image_size=args.image_size)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -274,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dinov3", default=None, help="converted DINOv3 directory (optional)")
     p.add_argument("--clip-text", default=None, help="converted CLIP text directory (optional)")
     p.add_argument("--quick", action="store_true", help="2 epochs (smoke test)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="network input size (default 128; real weights deserve 512)")
     p.set_defaults(run=_demo)
     return parser
 

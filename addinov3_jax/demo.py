@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def run(workdir: str = "demo_out", seed: int = 0, *, dinov3: str | None = None,
-        clip_text: str | None = None, quick: bool = False) -> int:
+        clip_text: str | None = None, quick: bool = False, image_size: int | None = None) -> int:
     from flax import nnx
 
     from addinov3_jax import config as config_lib
@@ -40,8 +40,11 @@ def run(workdir: str = "demo_out", seed: int = 0, *, dinov3: str | None = None,
 
         depth = d3.load(dinov3).config.depth
         cfg.model.feature_layers = tuple(depth * (i + 1) // 4 - 1 for i in range(4))
-    if clip_text:
+    if clip_text:  # real text features: class names mean something again
         cfg.model.text_tower = clip_text
+        cfg.model.class_name_source = "readable"
+    if image_size:
+        cfg.data.image_size = image_size
     if not root.exists():
         print(f"demo: generating the synthetic dataset in {root}")
         synthetic.generate(root, seed=seed)

@@ -124,3 +124,16 @@ def test_demo_end_to_end_quick(tmp_path):
         untrained["datasets"]["synthetic"]["categories"])
     assert "trained / untrained" in (tmp_path / "results.md").read_text()
     assert list((tmp_path / "heatmaps" / "synthetic").rglob("*.png"))
+
+
+def test_demo_with_converted_towers(tiny, tmp_path):
+    from addinov3_jax import demo
+
+    ad.save(tiny, tmp_path / "towers")  # converted backbone/ and text_tower/ directories
+    assert demo.run(workdir=str(tmp_path / "run"), quick=True, image_size=64,
+                    dinov3=str(tmp_path / "towers" / "backbone"),
+                    clip_text=str(tmp_path / "towers" / "text_tower")) == 0
+    spec = json.loads((tmp_path / "run" / "train" / "model" / "model.json").read_text())
+    assert spec["backbone"].endswith("towers/backbone")  # referenced, not copied
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["config"]["model"][
+        "class_name_source"] == "readable"
