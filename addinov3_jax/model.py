@@ -278,12 +278,23 @@ def _predict(model: ADDinoV3, images, text_be2):
     return maps, image_scores(maps, g, model.config.image_score)
 
 
+# The one trainability filter, used by the optimizer and the gradient: parameters under `adapters`.
+TRAINABLE = nnx.All(nnx.Param, nnx.PathContains("adapters"))
+
+
 def trainable(model: ADDinoV3) -> nnx.State:
-    """The one trainability filter (optimizer and gradient): parameters under `adapters`."""
     return nnx.state(model, TRAINABLE)
 
 
-TRAINABLE = nnx.All(nnx.Param, nnx.PathContains("adapters"))
+def trainable_params(model: ADDinoV3) -> dict[str, jax.Array]:
+    """The trainable parameters (selected by `TRAINABLE`) as the plain dict `head` consumes."""
+    return nnx.to_pure_dict(trainable(model))["adapters"]
+
+
+def set_trainable_params(model: ADDinoV3, params: dict[str, jax.Array]) -> None:
+    nnx.replace_by_pure_dict(trainable(model), {"adapters": params})  # checks the structure
+    for name, value in params.items():
+        getattr(model.adapters, name).set_value(value)
 
 
 # ---------------------------------------------------------------------------------------------

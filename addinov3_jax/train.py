@@ -215,7 +215,7 @@ class Trainer:
         self.bb_graph, bb_state = nnx.split(self.model.backbone)
         self.bb_shardings = sharding.state_shardings(bb_state, self.mesh, self.rules)
         self.bb_state = jax.device_put(bb_state, self.bb_shardings)
-        self.params = jax.device_put(self.model.adapters.weights(), rep)
+        self.params = jax.device_put(ad.trainable_params(self.model), rep)
         self.opt_state = jax.device_put(self.tx.init(self.params), rep)
         self._build_steps()
 
@@ -376,9 +376,7 @@ class Trainer:
         mngr.wait_until_finished()
         mngr.close()
         writer.close()
-        self.model.adapters.patch.set_value(self.params["patch"])
-        self.model.adapters.cls.set_value(self.params["cls"])
-        self.model.adapters.prompt.set_value(self.params["prompt"])
+        ad.set_trainable_params(self.model, self.params)
         if self.is_main:
             self.save_model()
         return {"steps": self.total_steps, "resumed_from": start,
