@@ -33,13 +33,24 @@ def _flat(x) -> np.ndarray:
 
 
 def _sort_desc(xp, scores, payload):
-    """One sort of packed 64-bit keys: high half orders the float32 scores descending, low half
-    carries the payload. Returns (score keys, payloads) in descending score order."""
+    """One sort of packed 64-bit keys: the high half orders the float32 scores descending, the
+    low half carries the payload. Returns the sorted keys."""
     bits = scores.astype(xp.float32).view(xp.uint32)
     ordered = xp.where(bits >> 31 == 1, ~bits, bits | xp.uint32(0x80000000))  # ascending floats
     desc = (~ordered).astype(xp.uint64)
-    keys = xp.sort((desc << xp.uint64(32)) | payload.astype(xp.uint32).astype(xp.uint64))
-    return (keys >> xp.uint64(32)).astype(xp.uint32), (keys & xp.uint64(0xFFFFFFFF)).astype(xp.int64)
+    return xp.sort((desc << xp.uint64(32)) | payload.astype(xp.uint32).astype(xp.uint64))
+
+
+def _split_keys_jax(keys):
+    return (keys >> 32).astype(jnp.uint32), (keys & 0xFFFFFFFF).astype(jnp.int32)
+
+
+def _split_keys_numpy(keys):
+    """Zero-copy halves of little-endian 64-bit keys: (score keys, payloads)."""
+    halves = keys.view(np.uint32).reshape(-1, 2)
+    if np.little_endian:
+        return halves[:, 1], halves[:, 0]
+    return halves[:, 0], halves[:, 1]
 
 
 def _from_sorted(xp, cummax, s, pay, inv_region_size, n_pos, n_neg, n_regions, fpr_limit):
@@ -105,7 +116,7 @@ def _from_sorted_numpy(s, pay, inv_region_size, n_pos, n_neg, n_regions, fpr_lim
 
 @functools.partial(jax.jit, static_argnames=("fpr_limit",))
 def _curve_metrics_jax(scores, payload, inv_region_size, n_pos, n_neg, n_regions, fpr_limit):
-    s, pay = _sort_desc(jnp, scores, payload)
+    s, pay = _split_keys_jax(_sort_desc(jnp, scores, payload))
     return _from_sorted(jnp, jax.lax.cummax, s, pay, inv_region_size, n_pos, n_neg, n_regions,
                         fpr_limit)
 
@@ -120,7 +131,7 @@ def _run(scores, payload, inv_sizes, n_pos, n_neg, n_regions, fpr_limit, backend
     if backend is None:
         backend = "numpy" if jax.default_backend() == "cpu" else "jax"
     if backend == "numpy":
-        s, pay = _sort_desc(np, scores, np.asarray(payload))
+        s, pay = _split_keys_numpy(_sort_desc(np, scores, np.asarray(payload)))
         with np.errstate(invalid="ignore", divide="ignore"):  # undefined cases become NaN
             return _from_sorted_numpy(s, pay, np.asarray(inv_sizes, np.float64), n_pos, n_neg,
                                       n_regions, float(fpr_limit))
