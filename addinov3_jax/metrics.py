@@ -53,8 +53,10 @@ def _split_keys_numpy(keys):
     return halves[:, 0], halves[:, 1]
 
 
-def _from_sorted(xp, cummax, s, pay, inv_region_size, n_pos, n_neg, n_regions, fpr_limit):
-    """[auroc, ap, f1_max, aupro] from sorted score keys `s` and payloads (0 = negative)."""
+def _from_sorted_jax(s, pay, inv_region_size, n_pos, n_neg, n_regions, fpr_limit):
+    """[auroc, ap, f1_max, aupro] from sorted score keys `s` and payloads (0 = negative), with
+    static shapes: masked scans over every position instead of compaction."""
+    xp, cummax = jnp, jax.lax.cummax
     pos = (pay > 0).astype(xp.int64)
     tp = xp.cumsum(pos)
     fp = xp.cumsum(1 - pos)
@@ -91,7 +93,7 @@ def _from_sorted(xp, cummax, s, pay, inv_region_size, n_pos, n_neg, n_regions, f
 
 
 def _from_sorted_numpy(s, pay, inv_region_size, n_pos, n_neg, n_regions, fpr_limit):
-    """`_from_sorted` on the host: the same formulas on the compacted distinct-threshold points
+    """`_from_sorted_jax` on the host: the same formulas on the compacted distinct-threshold points
     (boolean indexing instead of masked scans, several times faster in NumPy)."""
     pos = pay > 0
     keep = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
@@ -117,13 +119,13 @@ def _from_sorted_numpy(s, pay, inv_region_size, n_pos, n_neg, n_regions, fpr_lim
 @functools.partial(jax.jit, static_argnames=("fpr_limit",))
 def _curve_metrics_jax(scores, payload, inv_region_size, n_pos, n_neg, n_regions, fpr_limit):
     s, pay = _split_keys_jax(_sort_desc(jnp, scores, payload))
-    return _from_sorted(jnp, jax.lax.cummax, s, pay, inv_region_size, n_pos, n_neg, n_regions,
-                        fpr_limit)
+    return _from_sorted_jax(s, pay, inv_region_size, n_pos, n_neg, n_regions, fpr_limit)
 
 
 def _run(scores, payload, inv_sizes, n_pos, n_neg, n_regions, fpr_limit, backend):
     """Dispatch: JAX on an accelerator (or `backend="jax"`), NumPy on a CPU host, where its
-    SIMD sort is several times faster than XLA's CPU sort. Both run the same code."""
+    SIMD sort is several times faster than XLA's CPU sort. Both sort the same packed keys and
+    apply the same formulas; a test checks they agree."""
     scores = np.asarray(scores, np.float32)
     if not np.all(np.isfinite(scores)):
         raise ValueError("scores contain NaN or inf; metrics need finite scores")
