@@ -102,10 +102,10 @@ def _train_cmd(data, workdir, epochs=4):
 
 def test_kill_and_resume_equals_uninterrupted(data, tmp_path):
     env = dict(os.environ)
-    full = subprocess.run(_train_cmd(data, tmp_path / "full"), env=env, capture_output=True,
+    full = subprocess.run(_train_cmd(data, tmp_path / "full", 12), env=env, capture_output=True,
                           text=True, timeout=600)
     assert full.returncode == 0, full.stderr[-2000:]
-    proc = subprocess.Popen(_train_cmd(data, tmp_path / "killed"), env=env,
+    proc = subprocess.Popen(_train_cmd(data, tmp_path / "killed", 12), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 300
@@ -114,7 +114,7 @@ def test_kill_and_resume_equals_uninterrupted(data, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "model").exists(), "the run finished before the kill"
-    resumed = subprocess.run(_train_cmd(data, tmp_path / "killed"), env=env, capture_output=True,
+    resumed = subprocess.run(_train_cmd(data, tmp_path / "killed", 12), env=env, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from step" in resumed.stdout
