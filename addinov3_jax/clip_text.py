@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from addinov3_jax import layers
+from addinov3_jax.tokenizer import tokenize  # noqa: F401 - public surface: clip_text.tokenize
 
 ACTIVATIONS = {"gelu": layers.gelu_exact, "quick_gelu": layers.quick_gelu}
 

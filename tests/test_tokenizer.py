@@ -43,6 +43,9 @@ def test_edge_cases_match_transformers(hf_tokenizer, text):
 
 
 def test_reference_ids():
+    from addinov3_jax import clip_text
+
+    assert clip_text.tokenize is tokenize  # the documented public name
     assert tokenize("a bad photo of a bottle.")[0, :9].tolist() == [
         49406, 320, 2103, 1125, 539, 320, 5392, 269, 49407]
     assert tokenize("a photo of a flawless metal_nut.")[0, :11].tolist() == [
