@@ -78,6 +78,24 @@ def randomize_torch(module, seed: int) -> None:
                 p.copy_(noise / np.sqrt(p.shape[-1]))
 
 
+def load_exactly(module, state: dict[str, np.ndarray]) -> None:
+    """Loads on-disk-named HF weights into a transformers module, refusing any missing or
+    unexpected key (transformers 5 keeps DINOv3 layers under `model.` in memory)."""
+    torch, _ = _torch()
+    own = set(module.state_dict())
+    renamed = {}
+    for k, v in state.items():
+        if k not in own and f"model.{k}" in own:
+            k = f"model.{k}"
+        renamed[k] = torch.from_numpy(np.array(v))
+    missing = sorted(own - set(renamed) - {k for k in own if k.endswith("position_ids")})
+    unexpected = sorted(set(renamed) - own)
+    if missing or unexpected:
+        raise ValueError(f"reference model keys do not match: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    module.load_state_dict(renamed, strict=False)
+
+
 def _state_dict_numpy(module) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in module.state_dict().items()}
 
@@ -107,8 +125,7 @@ def dinov3(*, source=None, random_variant=None, image_size=(224, 224), seed=0, b
         model = d3.create(cfg, rngs=__import__("flax").nnx.Rngs(seed))
         checkpoint_io.assign(model, conv.official_to_params(sd, cfg), source="random")
     else:
-        hf_sd = {k: torch.from_numpy(np.array(v)) for k, v in conv.official_to_hf(sd).items()}
-        ref.load_state_dict(hf_sd, strict=False)
+        load_exactly(ref, conv.official_to_hf(sd))
     # Use the same periods on both sides (the official ones when the checkpoint stores them).
     periods = np.asarray(model.rope_periods[...], np.float32)
     ref.rope_embeddings.inv_freq.copy_(torch.from_numpy(1.0 / periods))
@@ -160,8 +177,7 @@ def clip_text(*, source=None, random_variant=None, activation="quick_gelu", seed
         checkpoint_io.assign(model, conv.openai_to_params(sd, cfg, source="random"), source="random")
     else:
         sd = conv.params_to_openai(checkpoint_io.flat_params(model), cfg)
-        ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in conv.openai_to_hf(sd).items()},
-                            strict=False)
+        load_exactly(ref, conv.openai_to_hf(sd))
     try:
         tok = ct.load_tokenizer(source)
         ids = tok(prompts.sentences("bottle")[::60] + ["a photo of a flawless metal_nut."])

@@ -256,6 +256,16 @@ def test_parity_cli_random(capsys):
     assert "block 3 (normed)" in out and "PASS" in out
 
 
+def test_parity_cli_source(tmp_path, rng, capsys):
+    from addinov3_jax.cli import main
+
+    torch.save(official_state_dict(hf_model("mlp", seed=5), rng), tmp_path / "official.pth")
+    assert main(["parity", "dinov3", "--source", str(tmp_path / "official.pth"),
+                 "--image-size", "48"]) == 0
+    out = capsys.readouterr().out
+    assert "block 2 (normed)" in out and "PASS" in out
+
+
 def test_vit7b_lowers_with_fsdp_mesh():
     code = textwrap.dedent("""
         import jax, jax.numpy as jnp
