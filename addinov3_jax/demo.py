@@ -47,7 +47,7 @@ def run(workdir: str = "demo_out", seed: int = 0, *, dinov3: str | None = None,
         cfg.data.image_size = image_size
     if not root.exists():
         print(f"demo: generating the synthetic dataset in {root}")
-        synthetic.generate(root, seed=seed)
+    synthetic.ensure(root, seed=seed)
 
     print(f"demo: training on {', '.join(cfg.data.classes)} "
           f"({evaluate.device_summary()}, backbone {cfg.model.backbone}, text {cfg.model.text_tower})")

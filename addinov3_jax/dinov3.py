@@ -321,12 +321,6 @@ class DinoV3(nnx.Module):
         prefix = jnp.broadcast_to(prefix.astype(x.dtype), (b, *prefix.shape[1:]))
         return jnp.concatenate([prefix, x], axis=1)
 
-    def _run_blocks(
-        self, x: jax.Array, sin: jax.Array, cos: jax.Array, taps: Sequence[int]
-    ) -> tuple[jax.Array, list[jax.Array]]:
-        """Runs all blocks; returns the last output and the raw outputs of the `taps` blocks."""
-        return layers.run_stacked(self.blocks, x, self.config.depth, taps, self.scan_layers, sin, cos)
-
     def _features(self, images, taps, masks=None, rope_rng=None):
         cfg = self.config
         h, w = images.shape[1] // cfg.patch_size, images.shape[2] // cfg.patch_size
@@ -335,7 +329,7 @@ class DinoV3(nnx.Module):
             coords = augment_coords(coords, cfg, rope_rng)
         sin, cos = rope_tables(coords, self.rope_periods[...])
         x = self._embed(images, masks)
-        return self._run_blocks(x, sin, cos, taps)
+        return layers.run_stacked(self.blocks, x, cfg.depth, taps, self.scan_layers, sin, cos)
 
     # -- public API ------------------------------------------------------------------------
 

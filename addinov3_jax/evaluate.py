@@ -217,10 +217,10 @@ def run_from_config(config, workdir: str | os.PathLike, *, model: ad.ADDinoV3 | 
         name, _, root = item.partition("=")
         if not root:
             raise ValueError(f"eval dataset {item!r} must look like NAME=ROOT")
-        if name == "synthetic" and not Path(root).exists():
+        if name == "synthetic":
             from addinov3_jax.data import synthetic
 
-            synthetic.generate(root)
+            synthetic.ensure(root)
         datasets.append((name, root))
     opts = EvalOptions(image_size=config.data.image_size, batch_size=config.eval.batch_size,
                        resolution=config.eval.resolution,

@@ -126,7 +126,6 @@ def arrange_text(t_n: jax.Array, t_a: jax.Array, layout: str) -> jax.Array:
 class Adapters(nnx.Module):
     """The trainable part: first Linear (no bias) of each official adapter, stacked per kind."""
 
-    NAMES = ("patch", "cls", "prompt")
 
     def __init__(self, visual_dim: int, text_dim: int, num_layers: int, *, rngs: nnx.Rngs):
         init = nnx.initializers.lecun_normal()
@@ -136,9 +135,6 @@ class Adapters(nnx.Module):
                                 ("layers", "embed", "adapter"))
         self.prompt = layers.param(rngs, init, (2, text_dim, text_dim),
                                    ("layers", "adapter_in", "adapter"))
-
-    def weights(self) -> dict[str, jax.Array]:
-        return {k: getattr(self, k)[...] for k in self.NAMES}
 
 
 def _logits(adapters, patches_lbnd, cls_lbd, text_be2, cfg: HeadConfig):
@@ -166,8 +162,8 @@ def head(
 ) -> dict[str, jax.Array]:
     """Maps and logits from (already standardised) features of L taps.
 
-    `adapters` maps "patch", "cls", "prompt" to the adapter kernels (an `Adapters` module's
-    values, or the plain dict the trainer optimises). Returns `M`, `A` (B, H, W, 2), `g` (B, 2).
+    `adapters` maps "patch", "cls", "prompt" to the adapter kernels (`trainable_params(model)`,
+    or the plain dict the trainer optimises). Returns `M`, `A` (B, H, W, 2), `g` (B, 2).
     """
     cross, aacm, g = _logits(adapters, patches_lbnd, cls_lbd, text_be2, cfg)
     n_layers, b = cross.shape[:2]
@@ -232,10 +228,6 @@ class ADDinoV3(nnx.Module):
         """Frozen features: standardised patches (L, B, N, D) and CLS tokens (L, B, D), fp32."""
         return extract_features(self.backbone, images_bhwc, self.config)
 
-    def head_from_features(self, patches_lbnd, cls_lbd, text_be2, grid, out_size):
-        return head(self.adapters.weights(), patches_lbnd, cls_lbd, jax.lax.stop_gradient(text_be2),
-                    grid, out_size, self.config)
-
     def __call__(self, images_bhwc: jax.Array, text_be2: jax.Array) -> dict[str, jax.Array]:
         """Training-time forward: `M`, `A` (B, H, W, 2) and `g` (B, 2).
 
@@ -244,7 +236,8 @@ class ADDinoV3(nnx.Module):
         p = self.backbone.config.patch_size
         grid = (images_bhwc.shape[1] // p, images_bhwc.shape[2] // p)
         patches, cls = self.features(images_bhwc)
-        return self.head_from_features(patches, cls, text_be2, grid, images_bhwc.shape[1:3])
+        return head(trainable_params(self), patches, cls, jax.lax.stop_gradient(text_be2), grid,
+                    images_bhwc.shape[1:3], self.config)
 
     def text_features(self, class_names: Sequence[str], cache_dir=None) -> np.ndarray:
         """(C, E, 2) prototypes per class name, computed once by the frozen text tower."""
@@ -271,7 +264,7 @@ def _predict(model: ADDinoV3, images, text_be2):
     p = model.backbone.config.patch_size
     grid = (images.shape[1] // p, images.shape[2] // p)
     patches, cls = model.features(images)
-    maps, g = anomaly_map(model.adapters.weights(), patches, cls, text_be2, grid,
+    maps, g = anomaly_map(trainable_params(model), patches, cls, text_be2, grid,
                           images.shape[1:3], model.config)
     if model.config.smoothing_sigma > 0:
         maps = gaussian_blur(maps, model.config.smoothing_sigma)
@@ -292,9 +285,9 @@ def trainable_params(model: ADDinoV3) -> dict[str, jax.Array]:
 
 
 def set_trainable_params(model: ADDinoV3, params: dict[str, jax.Array]) -> None:
-    nnx.replace_by_pure_dict(trainable(model), {"adapters": params})  # checks the structure
-    for name, value in params.items():
-        getattr(model.adapters, name).set_value(value)
+    state = trainable(model)
+    nnx.replace_by_pure_dict(state, {"adapters": params})  # checks the structure
+    nnx.update(model, state)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -71,10 +71,10 @@ def build_model(cfg: ml_collections.ConfigDict) -> ad.ADDinoV3:
 def training_source(cfg: ml_collections.ConfigDict):
     """(source, object words, preprocess, report) of the auxiliary training data."""
     d = cfg.data
-    if d.name == "synthetic" and not Path(d.root).exists():
+    if d.name == "synthetic":
         from addinov3_jax.data import synthetic
 
-        synthetic.generate(d.root)
+        synthetic.ensure(d.root)
     spec = readers.spec_for(d.name)
     if d.source == "tfds":
         from addinov3_jax.data import tfds_builders

@@ -31,7 +31,8 @@ def main():
     backbone = dinov3.create("vitl16", rngs=nnx.Rngs(0))
     graph, state = nnx.split(backbone)
     features = jax.jit(lambda s, x: ad.extract_features(nnx.merge(graph, s), x, cfg))
-    params = ad.Adapters(1024, 768, 4, rngs=nnx.Rngs(1)).weights()
+    adapters = ad.Adapters(1024, 768, 4, rngs=nnx.Rngs(1))
+    params = {k: getattr(adapters, k)[...] for k in ("patch", "cls", "prompt")}
     tx = optax.adamw(1e-5, weight_decay=1e-2)
     opt = tx.init(params)
     grid = (args.size // 16,) * 2

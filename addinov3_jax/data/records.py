@@ -116,19 +116,23 @@ def decode_mask(data: bytes, what: str = "mask") -> Image.Image:
     return img.convert("L")
 
 
+def _verified_size(path: str) -> tuple[int, int]:
+    with Image.open(path) as img:
+        size = img.size
+        img.verify()
+    return size
+
+
 def check_sample(record: Record) -> str | None:
-    """Why the record's files cannot be used (None when they can). Reads headers only."""
+    """Why the record's files cannot be used (None when they can). Decodes the image fully (to
+    catch truncated pixel data) and verifies the mask's header and size."""
     try:
-        with Image.open(record.image_path) as img:
-            size = img.size
-            img.verify()
-    except Exception as e:  # noqa: BLE001
+        size = _verified_size(record.image_path)
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
         return f"unreadable or truncated image ({type(e).__name__}: {e})"
     if record.mask_path is not None:
         try:
-            with Image.open(record.mask_path) as m:
-                msize = m.size
-                m.verify()
+            msize = _verified_size(record.mask_path)
         except Exception as e:  # noqa: BLE001
             return f"unreadable mask {record.mask_path} ({type(e).__name__}: {e})"
         if msize != size:

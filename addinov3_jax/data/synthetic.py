@@ -171,6 +171,11 @@ def _save(path: Path, arr: np.ndarray, mode: str = "RGB") -> None:
     Image.fromarray(data, mode).save(path)
 
 
+def ensure(root: str | os.PathLike, **kwargs) -> Path:
+    """`generate` into `root` unless it already exists (configs point at it without a download)."""
+    return Path(root) if Path(root).exists() else generate(root, **kwargs)
+
+
 def generate(
     root: str | os.PathLike,
     *,
