@@ -14,13 +14,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 METADATA_FILE = "addinov3.json"
 PARAMS_FILE = "params.safetensors"
-FORMAT_VERSION = 1
+# 2: fused qkv kernels stored (L, D, 3, D) with biases (L, 3, D); 1 stored (L, D, 3D), (L, 3D).
+FORMAT_VERSION = 2
 
 
 class CheckpointError(ValueError):
@@ -63,6 +65,87 @@ def describe_mismatch(
     return "\n  ".join(parts)
 
 
+def upgrade_fused_qkv(params: dict[str, np.ndarray], prefix: str, depth: int,
+                      dim: int) -> dict[str, np.ndarray]:
+    """Format-1 fused projections `(L, D, 3D)` / `(L, 3D)` reshaped to `(L, D, 3, D)` / `(L, 3, D)`."""
+    out = dict(params)
+    for key, old_ndim, shape in ((f"{prefix}.kernel", 3, (depth, dim, 3, dim)),
+                                 (f"{prefix}.bias", 2, (depth, 3, dim))):
+        if key in out and np.ndim(out[key]) == old_ndim:
+            out[key] = np.reshape(out[key], shape)
+    return out
+
+
+class Tensors:
+    """Named tensors read on demand, a slice at a time: the one way weights reach devices.
+
+    Backed by an in-memory dict (a conversion's output) and/or a `.safetensors` file, whose
+    tensors are read per requested slice (`safe_open(...).get_slice`), so a process only ever
+    holds its own shards plus one tensor in flight. Tensors stored in an older layout of the same
+    size (format-1 fused qkv) are read whole and reshaped.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray] | None = None,
+                 file: str | os.PathLike | None = None):
+        self.arrays = dict(arrays or {})
+        self.file = None
+        if file is not None:
+            from safetensors import safe_open
+
+            try:
+                self.file = safe_open(str(file), framework="numpy")
+            except Exception as e:  # safetensors raises several types for truncated files
+                raise CheckpointError(f"{file}: unreadable ({e})") from e
+            self.path = str(file)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        out = {}
+        if self.file is not None:
+            out = {k: tuple(self.file.get_slice(k).get_shape()) for k in self.file.keys()}  # noqa: SIM118
+        out.update({k: tuple(np.shape(v)) for k, v in self.arrays.items()})
+        return out
+
+    def read(self, key: str, index: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
+        """`tensor[index]`, the tensor viewed with the model's `shape`."""
+        if key in self.arrays:
+            return np.asarray(self.arrays[key]).reshape(shape)[index]
+        sl = self.file.get_slice(key)
+        if tuple(sl.get_shape()) != tuple(shape):  # an older layout: whole tensor, reshaped
+            return np.asarray(self.file.get_tensor(key)).reshape(shape)[index]
+        return np.asarray(sl[index])
+
+
+def _legacy_equal(key: str, expected: tuple[int, ...], actual: tuple[int, ...]) -> bool:
+    fused = key.endswith((".qkv.kernel", ".qkv.bias", ".in_proj.kernel", ".in_proj.bias"))
+    return fused and int(np.prod(expected)) == int(np.prod(actual))
+
+
+def place(abstract_state: nnx.State, tensors: Tensors, shardings, *, source: str) -> nnx.State:
+    """Materializes `abstract_state` (shapes only) from `tensors`, each array directly in its
+    target sharding (`jax.make_array_from_callback`: every device reads just its slice); no
+    unsharded device copy ever exists. Key or shape mismatches are refused with a list."""
+    flat = nnx.to_flat_state(abstract_state)
+    expected = {".".join(map(str, p)): tuple(v.get_value().shape) for p, v in flat}
+    actual = tensors.shapes()
+    actual = {k: (expected[k] if k in expected and _legacy_equal(k, expected[k], s) else s)
+              for k, s in actual.items()}
+    problem = describe_mismatch(expected, actual)
+    if problem:
+        raise CheckpointError(f"{source}: parameters do not fit the model:\n  {problem}")
+    flat_shardings = dict(nnx.to_flat_state(shardings))
+    placed = []
+    for path, var in flat:
+        key, value = ".".join(map(str, path)), var.get_value()
+        target = flat_shardings[path]
+        target = target.get_value() if isinstance(target, nnx.Variable) else target
+
+        def cb(index, key=key, value=value):
+            return tensors.read(key, index, tuple(value.shape)).astype(value.dtype)
+
+        placed.append((path, var.replace(jax.make_array_from_callback(value.shape, target, cb))))
+    return nnx.from_flat_state(placed)
+
+
 def assign(model: nnx.Module, params: dict[str, np.ndarray], *, source: str) -> None:
     """Writes `params` into `model` in place, refusing any key or shape mismatch."""
     flat = nnx.to_flat_state(nnx.state(model))
@@ -102,12 +185,9 @@ def is_converted(path: str | os.PathLike) -> bool:
     return (Path(path) / METADATA_FILE).is_file()
 
 
-def read(
-    directory: str | os.PathLike, architecture: str, *, verify: bool = True
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Reads a converted directory written by `write`, checking architecture and checksums."""
-    from safetensors.numpy import load_file
-
+def read_metadata(directory: str | os.PathLike, architecture: str, *,
+                  verify: bool = True) -> dict[str, Any]:
+    """The metadata of a converted directory, checking architecture, version and checksums."""
     directory = Path(directory)
     meta_path = directory / METADATA_FILE
     try:
@@ -129,8 +209,42 @@ def read(
                     f"{directory / name}: checksum mismatch (corrupt or modified); "
                     "re-run `addinov3 convert`"
                 )
+    return meta
+
+
+def read(
+    directory: str | os.PathLike, architecture: str, *, verify: bool = True
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Reads a converted directory written by `write` whole (params in host memory)."""
+    from safetensors.numpy import load_file
+
+    meta = read_metadata(directory, architecture, verify=verify)
+    path = Path(directory) / PARAMS_FILE
     try:
-        params = load_file(str(directory / PARAMS_FILE))
+        params = load_file(str(path))
     except Exception as e:  # safetensors raises several types for truncated files
-        raise CheckpointError(f"{directory / PARAMS_FILE}: unreadable ({e})") from e
+        raise CheckpointError(f"{path}: unreadable ({e})") from e
     return params, meta
+
+
+def open_tensors(directory: str | os.PathLike, architecture: str, *,
+                 verify: bool = True) -> tuple[Tensors, dict[str, Any]]:
+    """A converted directory's tensors, read lazily a slice at a time, and its metadata."""
+    meta = read_metadata(directory, architecture, verify=verify)
+    return Tensors(file=Path(directory) / PARAMS_FILE), meta
+
+
+def materialize(abstract: nnx.Module, tensors: Tensors, *, mesh=None, rules=None,
+                source: str) -> nnx.Module:
+    """`abstract` (from `nnx.eval_shape`) with its variables read from `tensors`, placed by the
+    logical-axis `rules` on `mesh` (or on the default device when no mesh is given)."""
+    from addinov3_jax import sharding
+
+    graphdef, state = nnx.split(abstract)
+    if mesh is None:
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda v: v.replace(dev), state,
+                                 is_leaf=lambda x: isinstance(x, nnx.Variable))
+    else:
+        shardings = sharding.state_shardings(state, mesh, rules)
+    return nnx.merge(graphdef, place(state, tensors, shardings, source=source))

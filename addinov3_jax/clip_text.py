@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from addinov3_jax import layers
+from addinov3_jax import layers, sharding
+from addinov3_jax.sharding import ACT_HEADS, ACT_HIDDEN, ACT_MLP, ACT_TOKENS
 from addinov3_jax.tokenizer import tokenize  # noqa: F401 - public surface: clip_text.tokenize
 
 ACTIVATIONS = {"gelu": layers.gelu_exact, "quick_gelu": layers.quick_gelu}
@@ -71,8 +72,8 @@ class Block(nnx.Module):
     def __init__(self, cfg: Config, lead: tuple[int, ...] = (), *, rngs: nnx.Rngs):
         w = cfg.width
         self.ln_1 = layers.LayerNorm(w, lead, eps=cfg.layer_norm_eps, rngs=rngs)
-        self.in_proj = layers.Linear(w, 3 * w, ("embed", "qkv"), lead, rngs=rngs)
-        self.out_proj = layers.Linear(w, w, ("qkv_out", "embed"), lead, rngs=rngs)
+        self.in_proj = layers.FusedQKV(w, w, lead, rngs=rngs)
+        self.out_proj = layers.Linear(w, w, ("heads", "embed"), lead, rngs=rngs)
         self.ln_2 = layers.LayerNorm(w, lead, eps=cfg.layer_norm_eps, rngs=rngs)
         self.c_fc = layers.Linear(w, cfg.mlp_dim, ("embed", "mlp"), lead, rngs=rngs)
         self.c_proj = layers.Linear(cfg.mlp_dim, w, ("mlp", "embed"), lead, rngs=rngs)
@@ -82,10 +83,13 @@ class Block(nnx.Module):
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         b, t, d = x_btd.shape
         qkv = self.in_proj(self.ln_1(x_btd)).reshape(b, t, 3, self.num_heads, d // self.num_heads)
-        o = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=True)
-        x_btd = x_btd + self.out_proj(o.reshape(b, t, d))
-        h = ACTIVATIONS[self.activation](self.c_fc(self.ln_2(x_btd)))
-        return x_btd + self.c_proj(h)
+        q, k, v = (sharding.constrain(qkv[:, :, i], ACT_HEADS) for i in range(3))
+        o = layers.attention(q, k, v, causal=True)
+        x_btd = sharding.constrain(
+            x_btd + self.out_proj(sharding.constrain(o.reshape(b, t, d), ACT_HIDDEN)),
+            ACT_TOKENS)
+        h = sharding.constrain(ACTIVATIONS[self.activation](self.c_fc(self.ln_2(x_btd))), ACT_MLP)
+        return sharding.constrain(x_btd + self.c_proj(h), ACT_TOKENS)
 
 
 class TextTower(nnx.Module):
@@ -145,20 +149,21 @@ def create(variant: str | Config, *, activation: str | None = None, rngs: nnx.Rn
 
 
 def load(path, activation: str | None = None, *, scan_layers: bool = True,
-         compute_dtype: Any = jnp.float32) -> TextTower:
+         compute_dtype: Any = jnp.float32, mesh=None, rules=None) -> TextTower:
     """Loads a converted directory or any supported source (OpenAI / OpenCLIP / HF).
 
-    `activation` overrides the one stored in the checkpoint metadata.
+    `activation` overrides the one stored in the checkpoint metadata; `mesh` and `rules` place
+    the parameters sharded (read shard by shard from a converted directory).
     """
     from addinov3_jax import checkpoint_io
     from addinov3_jax.weight_conversion import clip_text as conv
 
-    cfg, params, meta = conv.read_any(path)
+    cfg, tensors, meta = conv.open_any(path)
     if activation:
         cfg = dataclasses.replace(cfg, activation=activation)
     model = nnx.eval_shape(lambda: TextTower(cfg, rngs=nnx.Rngs(0), scan_layers=scan_layers,
                                              compute_dtype=compute_dtype))
-    checkpoint_io.assign(model, params, source=str(path))
+    model = checkpoint_io.materialize(model, tensors, mesh=mesh, rules=rules, source=str(path))
     model.checkpoint_id = meta.get("files", {}).get(checkpoint_io.PARAMS_FILE) or meta.get(
         "source_sha256")
     model.tokenizer_dir = str(path) if Path(path).is_dir() else None

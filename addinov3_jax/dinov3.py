@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from addinov3_jax import layers
+from addinov3_jax import layers, sharding
+from addinov3_jax.sharding import ACT_HEADS, ACT_HIDDEN, ACT_MLP, ACT_TOKENS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -206,23 +207,22 @@ def apply_rope(x_bnhd: jax.Array, sin_nd: jax.Array, cos_nd: jax.Array) -> jax.A
 class Attention(nnx.Module):
     def __init__(self, cfg: Config, lead: tuple[int, ...], *, rngs: nnx.Rngs):
         d = cfg.embed_dim
-        # Fused qkv (rows q, k, v of the torch weight); the key third of the bias is never applied.
-        self.qkv = layers.Linear(d, 3 * d, ("embed", "qkv"), lead, bias=cfg.qkv_bias, rngs=rngs)
-        self.proj = layers.Linear(d, d, ("qkv_out", "embed"), lead, rngs=rngs)
+        # Fused qkv, kernel (D, 3, D): the key third of the bias is never applied (masked).
+        self.qkv = layers.FusedQKV(d, d, lead, bias=cfg.qkv_bias, rngs=rngs)
+        self.proj = layers.Linear(d, d, ("heads", "embed"), lead, rngs=rngs)
         self.num_heads = cfg.num_heads
 
     def __call__(self, x_bnd: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
         b, n, d = x_bnd.shape
-        qkv = layers.dense(x_bnd, self.qkv.kernel[...])
+        qkv = jnp.einsum("bni,ito->bnto", x_bnd, self.qkv.kernel[...].astype(x_bnd.dtype))
         if self.qkv.bias is not None:
-            bias = self.qkv.bias[...]
-            key_mask = jnp.concatenate([jnp.ones(d), jnp.zeros(d), jnp.ones(d)]).astype(bias.dtype)
-            qkv = qkv + (bias * key_mask).astype(qkv.dtype)
-        q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 3, axis=2)
-        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+            key_mask = jnp.asarray([1.0, 0.0, 1.0])[:, None]
+            qkv = qkv + (self.qkv.bias[...] * key_mask.astype(self.qkv.bias.dtype)).astype(qkv.dtype)
+        qkv = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        q, k, v = (sharding.constrain(qkv[:, :, i], ACT_HEADS) for i in range(3))
         q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
         o = layers.attention(q, k, v).reshape(b, n, d)
-        return self.proj(o)
+        return self.proj(sharding.constrain(o, ACT_HIDDEN))
 
 
 class Mlp(nnx.Module):
@@ -232,7 +232,7 @@ class Mlp(nnx.Module):
         self.fc2 = layers.Linear(h, d, ("mlp", "embed"), lead, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(layers.gelu_exact(self.fc1(x)))
+        return self.fc2(sharding.constrain(layers.gelu_exact(self.fc1(x)), ACT_MLP))
 
 
 class SwiGLU(nnx.Module):
@@ -243,7 +243,7 @@ class SwiGLU(nnx.Module):
         self.w3 = layers.Linear(h, d, ("mlp", "embed"), lead, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.w3(jax.nn.silu(self.w1(x)) * self.w2(x))
+        return self.w3(sharding.constrain(jax.nn.silu(self.w1(x)) * self.w2(x), ACT_MLP))
 
 
 class Block(nnx.Module):
@@ -265,8 +265,10 @@ class Block(nnx.Module):
                                 (*lead_axes, "embed"))
 
     def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
-        x = x + self.ls1[...].astype(x.dtype) * self.attn(self.norm1(x), sin, cos)
-        return x + self.ls2[...].astype(x.dtype) * self.mlp(self.norm2(x))
+        x = sharding.constrain(x + self.ls1[...].astype(x.dtype) * self.attn(self.norm1(x), sin, cos),
+                               ACT_TOKENS)
+        return sharding.constrain(x + self.ls2[...].astype(x.dtype) * self.mlp(self.norm2(x)),
+                                  ACT_TOKENS)
 
 
 class DinoV3(nnx.Module):
@@ -319,7 +321,7 @@ class DinoV3(nnx.Module):
             x = jnp.where(masks_bn[..., None], self.mask_token[...].astype(x.dtype)[None], x)
         prefix = jnp.concatenate([self.cls_token[...], self.storage_tokens[...]], axis=1)
         prefix = jnp.broadcast_to(prefix.astype(x.dtype), (b, *prefix.shape[1:]))
-        return jnp.concatenate([prefix, x], axis=1)
+        return sharding.constrain(jnp.concatenate([prefix, x], axis=1), ACT_TOKENS)
 
     def _features(self, images, taps, masks=None, rope_rng=None):
         cfg = self.config
@@ -437,6 +439,8 @@ def load(
     scan_layers: bool = True,
     compute_dtype: Any = jnp.float32,
     num_heads: int | None = None,
+    mesh=None,
+    rules=None,
 ) -> DinoV3:
     """Loads a converted directory, an official `.pth`, an HF directory or a `.safetensors` file.
 
@@ -444,18 +448,18 @@ def load(
       rope_periods: "checkpoint" uses the periods stored in the checkpoint (bf16-rounded in the
         official `.pth` files: official parity), "exact" recomputes `100 ** (4k/d)` (HF parity).
       num_heads: only needed for a bare checkpoint whose shapes match no released variant.
+      mesh, rules: place every parameter in its sharding (`sharding.py`); a converted directory
+        is then read shard by shard, never whole onto one device. Default: the default device.
     """
+    from addinov3_jax import checkpoint_io
     from addinov3_jax.weight_conversion import dinov3 as conv
 
-    cfg, params, meta = conv.read_any(path, num_heads=num_heads)
-    if rope_periods == "exact":
-        params["rope_periods"] = exact_periods(cfg.head_dim, cfg.rope_base)
-    elif rope_periods != "checkpoint":
+    if rope_periods not in ("checkpoint", "exact"):
         raise ValueError(f"rope_periods must be 'checkpoint' or 'exact', got {rope_periods!r}")
+    cfg, tensors, _ = conv.open_any(path, num_heads=num_heads)
+    if rope_periods == "exact":
+        tensors.arrays["rope_periods"] = exact_periods(cfg.head_dim, cfg.rope_base)
     model = nnx.eval_shape(
         lambda: DinoV3(cfg, rngs=nnx.Rngs(0), scan_layers=scan_layers, compute_dtype=compute_dtype)
     )
-    from addinov3_jax import checkpoint_io
-
-    checkpoint_io.assign(model, params, source=str(path))
-    return model
+    return checkpoint_io.materialize(model, tensors, mesh=mesh, rules=rules, source=str(path))

@@ -1,7 +1,8 @@
 """Small numerical building blocks shared by the DINOv3 and CLIP text towers.
 
 Parameters are plain `nnx.Param`s created through `param`, which records the logical axis names
-(`out_sharding` metadata, never a mesh axis) so that `sharding.py` can place them on any mesh.
+(`out_sharding` metadata, never a mesh axis) so that `sharding.py` can place them on any mesh;
+activations are constrained by logical names with `sharding.constrain`.
 """
 
 from __future__ import annotations
@@ -116,6 +117,29 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return dense(x, self.kernel[...], None if self.bias is None else self.bias[...])
+
+
+class FusedQKV(nnx.Module):
+    """Fused q/k/v projection, kernel (in, 3, heads * head_dim), bias (3, heads * head_dim).
+
+    The q/k/v index is its own axis, so the `heads` axis (sharded over `tensor`) splits whole
+    heads of each of q, k and v, never across the q/k/v boundary.
+    """
+
+    def __init__(self, din: int, dout: int, lead: tuple[int, ...], *, bias: bool = True,
+                 rngs: nnx.Rngs):
+        lead_axes = ("layers",) * len(lead)
+        self.kernel = param(rngs, trunc_normal(0.02), (*lead, din, 3, dout),
+                            (*lead_axes, "embed", "qkv", "heads"))
+        self.bias = (param(rngs, zeros, (*lead, 3, dout), (*lead_axes, "qkv", "heads"))
+                     if bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(..., in) -> (..., 3, heads * head_dim)."""
+        y = jnp.einsum("...i,ito->...to", x, self.kernel[...].astype(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
 
 
 def run_stacked(

@@ -1,73 +1,170 @@
-"""Logical-axis sharding: a rules table maps the logical names on parameters to mesh axes.
+"""Logical-axis sharding: a rules table (config data) maps logical axis names to mesh axes.
 
-Layers name their parameter axes (`embed`, `mlp`, `qkv`, `heads`, `vocab`, `layers`, ...) and never
-mention a mesh. A rules table (from the config) turns those names into `PartitionSpec`s for a mesh
-with axes `data`, `fsdp` and `tensor`.
+Layers name the axes of their parameters (`embed`, `mlp`, `heads`, `vocab`, `layers`, ...) and of
+their activations (`act_batch`, `act_tokens`, `act_embed`, `act_heads`, `act_mlp`) and never
+mention a mesh. The config's `mesh.rules` (a tuple of `(logical, mesh axes)` pairs, MaxText style)
+turns those names into `PartitionSpec`s for a mesh with axes `data`, `fsdp` and `tensor`:
+parameter shardings come from `nnx.logical_axis_rules` + `nnx.get_named_sharding`, activations are
+constrained with `constrain` while a `use(mesh, rules)` context is active (a no-op otherwise).
+
+The default rules map onto every mesh axis, so `mesh.fsdp` / `mesh.tensor` alone choose the
+layout (an axis of size 1 is a no-op): weights split their model dimension over `fsdp` and their
+hidden / head dimension over `tensor`; batches split over `data` x `fsdp`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 from flax import nnx
+from flax.core import spmd as core_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Replicated parameters, batch split over data and fsdp (the default for the ViT-L backbone).
-REPLICATED_RULES: Rules = (("batch", ("data", "fsdp")),)
-# FSDP + tensor parallel for large backbones (vit7b16): weights sharded over `fsdp` along the
-# model dimension and over `tensor` along the hidden / head dimension.
-FSDP_RULES: Rules = (
+# Logical activation axes of the towers (batch, tokens, then embed / heads / hidden).
+ACT_TOKENS = ("act_batch", "act_tokens", "act_embed")
+ACT_HEADS = ("act_batch", "act_tokens", "act_heads", None)
+ACT_HIDDEN = ("act_batch", "act_tokens", "act_heads")
+ACT_MLP = ("act_batch", "act_tokens", "act_mlp")
+
+# Every logical name used in the package appears here: an unknown name is an error, not a
+# silently replicated axis. Order does not matter (one entry per name).
+DEFAULT_RULES: Rules = (
+    # inputs and activations
     ("batch", ("data", "fsdp")),
+    ("act_batch", ("data", "fsdp")),
+    ("act_tokens", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    # parameters
+    ("layers", None),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
-    ("qkv", "tensor"),
-    ("qkv_out", "tensor"),
+    ("heads", "tensor"),
+    ("qkv", None),
     ("vocab", "tensor"),
+    ("adapter", None),
+    ("adapter_in", None),
 )
+# Every parameter replicated (pure data parallelism), batches still split over data x fsdp.
+REPLICATED_RULES: Rules = tuple((k, v if k in ("batch", "act_batch") else None)
+                                for k, v in DEFAULT_RULES)
+PRESETS = {"default": DEFAULT_RULES, "replicated": REPLICATED_RULES}
+
+
+def rules_preset(name: str) -> Rules:
+    """A named rules table (a config helper: the config stores the table itself)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown sharding rules preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def validate_rules(rules) -> Rules:
+    """The rules as a tuple of pairs, checked: known mesh axes, every needed name present."""
+    try:
+        pairs = tuple((str(k), _as_axes(v)) for k, v in rules)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"mesh.rules must be a sequence of (logical name, mesh axis or axes or "
+                         f"None) pairs, got {rules!r}") from e
+    names = [k for k, _ in pairs]
+    dup = sorted({k for k in names if names.count(k) > 1})
+    if dup:
+        raise ValueError(f"mesh.rules: logical names listed twice: {dup}")
+    for k, v in pairs:
+        bad = [a for a in (v if isinstance(v, tuple) else (v,)) if a is not None and a not in MESH_AXES]
+        if bad:
+            raise ValueError(f"mesh.rules: {k!r} maps to unknown mesh axes {bad}; "
+                             f"allowed: {', '.join(MESH_AXES)} or None")
+    missing = [k for k, _ in DEFAULT_RULES if k not in names]
+    if missing:
+        raise ValueError(f"mesh.rules: no entry for the logical names {missing} "
+                         "(map them to None to replicate)")
+    return pairs
+
+
+def _as_axes(v):
+    if v is None or isinstance(v, str):
+        return v
+    v = tuple(v)
+    if not all(isinstance(a, str) for a in v):
+        raise ValueError(v)
+    return v if len(v) != 1 else v[0]
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; -1 takes the remaining devices. Axes are `AxisType.Auto`."""
+    """A (data, fsdp, tensor) mesh with `AxisType.Auto` axes; `-1` takes the remaining devices.
+
+    With all three sizes given, the first `data * fsdp * tensor` devices are used (e.g. a
+    one-device mesh on an eight-device host); on several processes the mesh must use them all.
+    """
     devices = list(devices if devices is not None else jax.devices())
     sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes must be positive (one of them may be -1), got "
+                         f"{dict(zip(MESH_AXES, sizes, strict=True))}")
     known = int(np.prod([s for s in sizes if s != -1]))
-    sizes = [len(devices) // known if s == -1 else s for s in sizes]
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} does not use the "
-                         f"{len(devices)} available devices")
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))}: {len(devices)} "
+                             f"devices are not divisible by {known}")
+        sizes = [len(devices) // known if s == -1 else s for s in sizes]
+    n = int(np.prod(sizes))
+    if n > len(devices) or (n < len(devices) and jax.process_count() > 1):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {n} devices; "
+                         f"{len(devices)} are available")
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                         devices=devices)
+                         devices=devices[:n])
 
 
-def spec(axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
-    """PartitionSpec for logical `axes`; a mesh axis is used at most once per array."""
-    table = dict(rules)
-    used: set[str] = set()
-    out = []
-    for name in axes:
-        target = table.get(name) if name is not None else None
-        names = (target,) if isinstance(target, str) else tuple(target or ())
-        names = tuple(n for n in names if n not in used)
-        used.update(names)
-        out.append(names[0] if len(names) == 1 else (names or None))
-    return PartitionSpec(*out)
+def logical_spec(axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
+    """PartitionSpec of logical `axes` under `rules` (flax's resolution)."""
+    return PartitionSpec(*core_spmd.from_sharding_rules(tuple(axes), rules))
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules):
-    """A tree of `NamedSharding`s matching `state`, from each variable's logical axes."""
-
-    def one(var):
-        axes = var.get_metadata().get("out_sharding") or (None,) * np.ndim(var.get_value())
-        return var.replace(NamedSharding(mesh, spec(axes, rules)))
-
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def state_shardings(tree, mesh: Mesh, rules: Rules):
+    """`NamedSharding`s for an `nnx.State` (or module) from each variable's logical axes."""
+    with nnx.logical_axis_rules(rules):
+        return nnx.get_named_sharding(tree, mesh)
 
 
-def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
-    return NamedSharding(mesh, spec(("batch",) + (None,) * (ndim - 1), rules))
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int, axis: int = 0) -> NamedSharding:
+    """Sharding of an input array whose `axis` is the batch."""
+    axes = [None] * ndim
+    axes[axis] = "batch"
+    return NamedSharding(mesh, logical_spec(axes, rules))
+
+
+def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the batch is split (the product of the mesh axes of `batch`)."""
+    spec = logical_spec(("batch",), rules)[0]
+    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return int(np.prod([mesh.shape[a] for a in names]))
+
+
+def shard_bytes(shape: Sequence[int], dtype, sharding: NamedSharding) -> int:
+    """Bytes of the largest shard of an array with this shape and sharding on one device."""
+    shard = sharding.shard_shape(tuple(shape))
+    return int(np.prod(shard, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+@contextlib.contextmanager
+def use(mesh: Mesh, rules: Rules):
+    """Activates `mesh` and `rules` for tracing: activation constraints apply under it."""
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        yield
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical names; a no-op outside `use(mesh, rules)`."""
+    rules = core_spmd.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_spec(axes, rules))

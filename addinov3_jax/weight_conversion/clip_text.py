@@ -26,28 +26,33 @@ ARCHITECTURE = "clip_text"
 
 _ID = lambda a: a  # noqa: E731
 _T = lambda a: a.T  # noqa: E731
+# Fused in_proj: torch (3W, W) rows [q; k; v] <-> our kernel (W, 3, W) and bias (3, W).
+_QKV_KERNEL = lambda a: a.T.reshape(a.shape[1], 3, -1)  # noqa: E731
+_QKV_KERNEL_BACK = lambda a: a.reshape(a.shape[0], -1).T  # noqa: E731
+_QKV_BIAS = lambda a: a.reshape(3, -1)  # noqa: E731
+_QKV_BIAS_BACK = lambda a: a.reshape(-1)  # noqa: E731
 
-# (OpenAI key, our key, OpenAI -> ours)
+# (OpenAI key, our key, OpenAI -> ours, ours -> OpenAI)
 GLOBAL_RULES = [
-    ("token_embedding.weight", "token_embedding", _ID),
-    ("positional_embedding", "positional_embedding", _ID),
-    ("ln_final.weight", "ln_final.scale", _ID),
-    ("ln_final.bias", "ln_final.bias", _ID),
-    ("text_projection", "text_projection", _ID),  # used as x @ P: no transpose
+    ("token_embedding.weight", "token_embedding", _ID, _ID),
+    ("positional_embedding", "positional_embedding", _ID, _ID),
+    ("ln_final.weight", "ln_final.scale", _ID, _ID),
+    ("ln_final.bias", "ln_final.bias", _ID, _ID),
+    ("text_projection", "text_projection", _ID, _ID),  # used as x @ P: no transpose
 ]
 BLOCK_RULES = [  # OpenAI `transformer.resblocks.{i}.<key>` -> ours `blocks.<key>[i]`
-    ("ln_1.weight", "ln_1.scale", _ID),
-    ("ln_1.bias", "ln_1.bias", _ID),
-    ("attn.in_proj_weight", "in_proj.kernel", _T),
-    ("attn.in_proj_bias", "in_proj.bias", _ID),
-    ("attn.out_proj.weight", "out_proj.kernel", _T),
-    ("attn.out_proj.bias", "out_proj.bias", _ID),
-    ("ln_2.weight", "ln_2.scale", _ID),
-    ("ln_2.bias", "ln_2.bias", _ID),
-    ("mlp.c_fc.weight", "c_fc.kernel", _T),
-    ("mlp.c_fc.bias", "c_fc.bias", _ID),
-    ("mlp.c_proj.weight", "c_proj.kernel", _T),
-    ("mlp.c_proj.bias", "c_proj.bias", _ID),
+    ("ln_1.weight", "ln_1.scale", _ID, _ID),
+    ("ln_1.bias", "ln_1.bias", _ID, _ID),
+    ("attn.in_proj_weight", "in_proj.kernel", _QKV_KERNEL, _QKV_KERNEL_BACK),
+    ("attn.in_proj_bias", "in_proj.bias", _QKV_BIAS, _QKV_BIAS_BACK),
+    ("attn.out_proj.weight", "out_proj.kernel", _T, _T),
+    ("attn.out_proj.bias", "out_proj.bias", _ID, _ID),
+    ("ln_2.weight", "ln_2.scale", _ID, _ID),
+    ("ln_2.bias", "ln_2.bias", _ID, _ID),
+    ("mlp.c_fc.weight", "c_fc.kernel", _T, _T),
+    ("mlp.c_fc.bias", "c_fc.bias", _ID, _ID),
+    ("mlp.c_proj.weight", "c_proj.kernel", _T, _T),
+    ("mlp.c_proj.bias", "c_proj.bias", _ID, _ID),
 ]
 _HF_BLOCK = {
     "layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
@@ -117,17 +122,17 @@ def openai_to_params(sd: dict[str, np.ndarray], cfg: Config, *, source: str) -> 
     problem = checkpoint_io.describe_mismatch(openai_shapes(cfg), {k: v.shape for k, v in sd.items()})
     if problem:
         raise CheckpointError(f"{source}: does not match a CLIP text tower {cfg}:\n  {problem}")
-    params = {ours: np.asarray(fn(sd[k]), np.float32) for k, ours, fn in GLOBAL_RULES}
-    for k, ours, fn in BLOCK_RULES:
+    params = {ours: np.asarray(fn(sd[k]), np.float32) for k, ours, fn, _ in GLOBAL_RULES}
+    for k, ours, fn, _ in BLOCK_RULES:
         params[f"blocks.{ours}"] = np.stack(
             [fn(sd[f"transformer.resblocks.{i}.{k}"]) for i in range(cfg.depth)]).astype(np.float32)
     return params
 
 
 def params_to_openai(params: dict[str, np.ndarray], cfg: Config) -> dict[str, np.ndarray]:
-    """Ours -> OpenAI layout (the inverse of `openai_to_params`; all transforms are involutions)."""
-    sd = {k: np.asarray(fn(params[ours])) for k, ours, fn in GLOBAL_RULES}
-    for k, ours, fn in BLOCK_RULES:
+    """Ours -> OpenAI layout (the inverse of `openai_to_params`)."""
+    sd = {k: np.asarray(fn(params[ours])) for k, ours, _, fn in GLOBAL_RULES}
+    for k, ours, _, fn in BLOCK_RULES:
         for i in range(cfg.depth):
             sd[f"transformer.resblocks.{i}.{k}"] = np.asarray(fn(params[f"blocks.{ours}"][i]))
     return sd
@@ -237,5 +242,15 @@ def convert(source, output, *, variant: str | None = None, activation: str | Non
 def read_any(path: str | os.PathLike) -> tuple[Config, dict[str, np.ndarray], dict[str, Any]]:
     if checkpoint_io.is_converted(path):
         params, meta = checkpoint_io.read(path, ARCHITECTURE)
-        return Config(**meta["config"]), params, meta
+        cfg = Config(**meta["config"])
+        return cfg, checkpoint_io.upgrade_fused_qkv(params, "blocks.in_proj", cfg.depth, cfg.width), meta
     return convert_source(path)
+
+
+def open_any(path: str | os.PathLike) -> tuple[Config, checkpoint_io.Tensors, dict[str, Any]]:
+    """Like `read_any`, but a converted directory's tensors stay on disk, read per shard."""
+    if checkpoint_io.is_converted(path):
+        tensors, meta = checkpoint_io.open_tensors(path, ARCHITECTURE)
+        return Config(**meta["config"]), tensors, meta
+    cfg, params, meta = convert_source(path)
+    return cfg, checkpoint_io.Tensors(params), meta

@@ -29,6 +29,11 @@ ARCHITECTURE = "dinov3"
 Transform = Callable[[np.ndarray], np.ndarray]
 _ID: Transform = lambda a: a  # noqa: E731
 _T: Transform = lambda a: a.T  # noqa: E731
+# Fused qkv: torch (3D, D) rows [q; k; v] <-> our kernel (D, 3, D) and bias (3, D).
+_QKV_KERNEL: Transform = lambda a: a.T.reshape(a.shape[1], 3, -1)  # noqa: E731
+_QKV_KERNEL_BACK: Transform = lambda a: a.reshape(a.shape[0], -1).T  # noqa: E731
+_QKV_BIAS: Transform = lambda a: a.reshape(3, -1)  # noqa: E731
+_QKV_BIAS_BACK: Transform = lambda a: a.reshape(-1)  # noqa: E731
 
 # (official key, our key, official -> ours, ours -> official)
 GLOBAL_RULES: list[tuple[str, str, Transform, Transform]] = [
@@ -50,7 +55,7 @@ LOCAL_CLS_NORM_RULES = [
 BLOCK_RULES = [
     ("norm1.weight", "norm1.scale", _ID, _ID),
     ("norm1.bias", "norm1.bias", _ID, _ID),
-    ("attn.qkv.weight", "attn.qkv.kernel", _T, _T),
+    ("attn.qkv.weight", "attn.qkv.kernel", _QKV_KERNEL, _QKV_KERNEL_BACK),
     ("attn.proj.weight", "attn.proj.kernel", _T, _T),
     ("attn.proj.bias", "attn.proj.bias", _ID, _ID),
     ("ls1.gamma", "ls1", _ID, _ID),
@@ -58,7 +63,7 @@ BLOCK_RULES = [
     ("norm2.bias", "norm2.bias", _ID, _ID),
     ("ls2.gamma", "ls2", _ID, _ID),
 ]
-QKV_BIAS_RULES = [("attn.qkv.bias", "attn.qkv.bias", _ID, _ID)]
+QKV_BIAS_RULES = [("attn.qkv.bias", "attn.qkv.bias", _QKV_BIAS, _QKV_BIAS_BACK)]
 MLP_RULES = [
     ("mlp.fc1.weight", "mlp.fc1.kernel", _T, _T),
     ("mlp.fc1.bias", "mlp.fc1.bias", _ID, _ID),
@@ -116,10 +121,9 @@ def official_to_params(sd: dict[str, np.ndarray], cfg: Config) -> dict[str, np.n
         stacked = [fwd(sd[f"blocks.{i}.{off}"]) for i in range(cfg.depth)]
         params[f"blocks.{ours}"] = np.stack(stacked).astype(np.float32)
     if cfg.qkv_bias:
-        masks = np.stack([sd[f"blocks.{i}.attn.qkv.bias_mask"] for i in range(cfg.depth)])
-        d = cfg.embed_dim
+        masks = np.stack([_QKV_BIAS(sd[f"blocks.{i}.attn.qkv.bias_mask"]) for i in range(cfg.depth)])
         # Whatever the stored mask says, the official forward never applies a key bias (§2.4).
-        masks[:, d : 2 * d] = 0
+        masks[:, 1] = 0
         params["blocks.attn.qkv.bias"] = params["blocks.attn.qkv.bias"] * masks.astype(np.float32)
     return params
 
@@ -352,15 +356,33 @@ def convert(
     return conv.metadata
 
 
+def upgrade(params: dict[str, np.ndarray], cfg: Config) -> dict[str, np.ndarray]:
+    """Parameters of format-1 directories (qkv kernel (L, D, 3D), bias (L, 3D)) in today's
+    layout ((L, D, 3, D), (L, 3, D)); current ones pass through."""
+    return checkpoint_io.upgrade_fused_qkv(params, "blocks.attn.qkv", cfg.depth, cfg.embed_dim)
+
+
 def read_any(
     path: str | os.PathLike, *, num_heads: int | None = None
 ) -> tuple[Config, dict[str, np.ndarray], dict[str, Any]]:
     """(config, params, metadata) from a converted directory or any supported source."""
     if checkpoint_io.is_converted(path):
         params, meta = checkpoint_io.read(path, ARCHITECTURE)
-        return Config.from_dict(meta["config"]), params, meta
+        cfg = Config.from_dict(meta["config"])
+        return cfg, upgrade(params, cfg), meta
     conv = convert_source(path, num_heads=num_heads)
     return conv.config, conv.params, conv.metadata
+
+
+def open_any(
+    path: str | os.PathLike, *, num_heads: int | None = None
+) -> tuple[Config, checkpoint_io.Tensors, dict[str, Any]]:
+    """Like `read_any`, but a converted directory's tensors stay on disk, read per shard."""
+    if checkpoint_io.is_converted(path):
+        tensors, meta = checkpoint_io.open_tensors(path, ARCHITECTURE)
+        return Config.from_dict(meta["config"]), tensors, meta
+    cfg, params, meta = read_any(path, num_heads=num_heads)
+    return cfg, checkpoint_io.Tensors(params), meta
 
 
 def official_to_hf(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
