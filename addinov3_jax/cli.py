@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -46,23 +47,41 @@ def _parity(args: argparse.Namespace) -> int:
 
 
 def load_config(path: str, overrides: list[str]):
-    """An ml_collections config file (`path[:arg]`) with `--config.a.b=value` overrides."""
+    """An ml_collections config file (`path[:arg]`) with `--config.a.b=value` overrides,
+    validated (`config.validate`). Any problem is a `ConfigError` naming the field."""
     from absl import flags
     from ml_collections import config_flags
+
+    from addinov3_jax import config as config_lib
 
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         raise SystemExit(f"addinov3: unrecognized arguments: {' '.join(bad)}")
+    file = path.split(":", 1)[0]
+    if not file or not os.path.isfile(file):
+        raise config_lib.ConfigError(f"{file}: no such config file")
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=False)
-    fv(["addinov3", f"--config={path}", *overrides])
-    return fv.config
+    config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=True)
+    try:
+        fv(["addinov3", f"--config={path}", *overrides])
+    except config_lib.ConfigError:
+        raise
+    except Exception as e:  # absl wraps errors of the file and of the overrides
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, config_lib.ConfigError):
+            raise cause from None
+        raise config_lib.ConfigError(f"{path}: {_flag_message(e)}") from None
+    return config_lib.validate(fv.config)
+
+
+def _flag_message(e: Exception) -> str:
+    """absl's error for a config override, on one line."""
+    msg = " ".join(str(e).split())
+    return msg.replace("flag --config=", "").replace("Illegal value ", "bad value ")
 
 
 def _set_host_devices(config) -> None:
     """Simulated CPU devices (`mesh` sizes) must be requested before JAX starts."""
-    import os
-
     if "XLA_FLAGS" not in os.environ and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
         n = max(1, config.mesh.data) * config.mesh.fsdp * config.mesh.tensor
         if n > 1:
@@ -74,10 +93,18 @@ def _train(args: argparse.Namespace) -> int:
     _set_host_devices(config)
     from addinov3_jax import train
 
-    summary = train.train(config, args.workdir)
-    print(f"trained {summary['steps']} steps (resumed from {summary['resumed_from']}); "
-          f"final loss {summary['final'].get('loss', float('nan')):.4f}; "
-          f"model written to {args.workdir}/model")
+    return train.main_entry(config, args.workdir)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    config = load_config(args.config, args.overrides)
+    _set_host_devices(config)
+    from addinov3_jax import plan
+
+    p = plan.plan(config)
+    print(json.dumps(p, indent=2) if args.json else plan.table(p))
     return 0
 
 
@@ -137,8 +164,6 @@ def _data_synthetic(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import os
-
     if "XLA_FLAGS" not in os.environ and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     from addinov3_jax import demo
@@ -149,6 +174,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    _set_host_devices(config)
     from addinov3_jax import evaluate
 
     results = evaluate.run_from_config(config, args.workdir)
@@ -214,8 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True)
     p.set_defaults(run=_train)
 
+    p = sub.add_parser("plan", help="per-device memory of the compiled steps (no allocation)",
+                       description="Lowers and compiles the feature and train steps for the "
+                                   "config's mesh from abstract shapes only (no weights, no data) "
+                                   "and prints per-device parameter, optimizer and temporary bytes.")
+    p.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_plan)
+
     p = sub.add_parser("eval", help="zero-shot evaluation, writes results.json / results.md",
-                       description="Evaluate WORKDIR/model on config.eval.datasets (NAME=ROOT) and "
+                       description="Evaluate WORKDIR/model on config.eval.datasets (NAME: root, classes) "
+                                   "and "
                                    "write results.json, results.md, heatmaps/ and curves/ there. "
                                    "Override fields with --config.FIELD=VALUE.")
     p.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
@@ -282,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
-    if args.command in ("train", "eval"):
+    if args.command in ("train", "eval", "plan"):
         args.overrides = extra
     elif extra:
         build_parser().parse_args(argv)  # reports the unknown arguments and exits
@@ -290,9 +325,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except Exception as e:  # user-facing errors: one clear line, no stack trace
         from addinov3_jax.checkpoint_io import CheckpointError
+        from addinov3_jax.config import ConfigError
         from addinov3_jax.data.records import DataError
 
-        if isinstance(e, CheckpointError | DataError | FileNotFoundError):
+        if isinstance(e, CheckpointError | DataError | FileNotFoundError | ConfigError
+                      | PermissionError) or (isinstance(e, RuntimeError) and "workdir" in str(e)):
             print(f"addinov3 {args.command}: error: {e}", file=sys.stderr)
             return 1
         raise

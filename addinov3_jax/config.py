@@ -1,16 +1,32 @@
-"""Config defaults (the paper's hyper-parameters, shared/DESIGN.md §2) and the embedded demo.
+"""Config defaults (the paper's hyper-parameters, shared/DESIGN.md §2), validation, the demo.
 
 The files in `configs/` start from `base_config()`; `addinov3 demo` uses `demo_config()` so that
-it also runs from an installed package without the repository's `configs/` folder.
+it also runs from an installed package without the repository's `configs/` folder. A config is
+data: `validate(config)` checks every enumerated field, every size and the sharding rules once,
+at load, and names the field and the allowed values when something is wrong.
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+
 import ml_collections
+
+from addinov3_jax import sharding
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the field and what is allowed."""
+
+
+def dataset_entry(root: str, classes: Iterable[str] = ()) -> ml_collections.ConfigDict:
+    """One evaluation dataset: its root folder and (optionally) the classes to evaluate."""
+    return ml_collections.ConfigDict({"root": root, "classes": tuple(classes)})
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.workdir_checkpoints = "checkpoints"
 
     c.model = ml_collections.ConfigDict()
     # A variant name builds a random-init tower (tests, demo); a path loads converted weights.
@@ -19,7 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.text_activation = "gelu"  # what AD-DINOv3 runs the OpenAI weights with
     c.model.feature_layers = (5, 11, 17, 23)
     c.model.text_layout = "stack"  # "interleave" = official quirk
-    c.model.class_name_source = "readable"  # "path" = official quirk ("Data" for VisA); "fixed:WORD"
+    # "readable" (dataset names), "path" (official quirk: "Data" for VisA) or "fixed" (one word
+    # for every class: `class_name`).
+    c.model.class_name_source = "readable"
+    c.model.class_name = ""
     c.model.image_score = "global"
     c.model.smoothing_sigma = 0.0
     c.model.compute_dtype = "float32"
@@ -44,24 +63,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.b2 = 0.999
     c.train.weight_decay = 1e-2
     c.train.warmup_fraction = 0.03
-    c.train.feature_cache = "auto"  # "device", "memory" (host RAM), "disk", "off"; "auto": device
-    # when it fits in feature_cache_max_gb, else disk (single-host; multi-host runs use "off")
+    # "device", "memory" (host RAM), "disk", "off"; "auto": device when it fits in
+    # feature_cache_max_gb, else disk (single-host; multi-host runs use "off").
+    c.train.feature_cache = "auto"
     c.train.feature_cache_dtype = "float32"  # or "bfloat16"
-    c.train.feature_cache_max_gb = 8.0  # "auto": device memory up to this size, else disk
+    c.train.feature_cache_max_gb = 8.0
     c.train.log_every = 10
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 3
+    c.train.stop_after = 0  # > 0: stop (checkpointed, resumable) after this step
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
-    c.mesh.rules = "replicated"  # or "fsdp" for the large backbones
+    # (logical axis, mesh axes) pairs; presets: sharding.rules_preset("default" | "replicated").
+    c.mesh.rules = sharding.DEFAULT_RULES
     c.multihost = False
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.datasets = ()  # tuple of "name=root" strings
-    c.eval.classes = ()  # empty: all classes of each dataset
+    c.eval.datasets = ml_collections.ConfigDict()  # NAME -> dataset_entry(root, classes)
     c.eval.batch_size = 8
     c.eval.resolution = "network"  # or "original"
     c.eval.heatmaps_per_category = 4
@@ -81,19 +102,29 @@ def shrink(c: ml_collections.ConfigDict) -> None:
     c.train.checkpoint_every = 10
 
 
+def check_arg(arg: str, allowed: Iterable[str], config_file: str) -> None:
+    """Refuses an unknown `configs/NAME.py:ARG`."""
+    allowed = tuple(allowed)
+    if arg not in allowed:
+        shown = ", ".join(repr(a) for a in allowed)
+        raise ConfigError(f"{config_file}: unknown argument {arg!r}; allowed: {shown}")
+
+
 AUXILIARY = ("marble", "stripes", "grain", "mesh", "washer", "button")
 HELD_OUT = ("weave", "carpet", "pill", "hexnut")
 
 
 def demo_config(arg: str = "") -> ml_collections.ConfigDict:
     """The synthetic tiny run of `addinov3 demo` (`arg="quick"`: 2 epochs, for tests)."""
+    check_arg(arg, ("", "quick"), "configs/demo.py")
     c = base_config()
     c.model.backbone = "tiny"
     c.model.text_tower = "tiny"
     c.model.feature_layers = (0, 1, 2, 3)
     # A random text tower gives class names no meaning: one word for every class (like the
     # official VisA training, where every class is "Data").
-    c.model.class_name_source = "fixed:object"
+    c.model.class_name_source = "fixed"
+    c.model.class_name = "object"
     c.data.name = "synthetic"
     c.data.root = "demo_data/synthetic"
     c.data.classes = AUXILIARY
@@ -104,9 +135,80 @@ def demo_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.warmup_fraction = 0.03
     c.train.log_every = 10
     c.train.checkpoint_every = 50
-    c.eval.datasets = ("synthetic=demo_data/synthetic",)
-    c.eval.classes = HELD_OUT
+    c.eval.datasets = ml_collections.ConfigDict(
+        {"synthetic": dataset_entry("demo_data/synthetic", HELD_OUT)})
     c.eval.batch_size = 16
     if arg == "quick":  # for tests
         c.train.epochs = 2
     return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+ENUMS = {
+    "model.text_layout": ("stack", "interleave"),
+    "model.class_name_source": ("readable", "path", "fixed"),
+    "model.image_score": ("global", "max", "mean_of_both"),
+    "model.compute_dtype": ("float32", "bfloat16"),
+    "data.source": ("raw", "tfds"),
+    "data.on_bad_sample": ("error", "skip"),
+    "train.feature_cache": ("auto", "device", "memory", "disk", "off"),
+    "train.feature_cache_dtype": ("float32", "bfloat16"),
+    "eval.resolution": ("network", "original"),
+}
+POSITIVE = ("data.image_size", "train.batch_size", "train.epochs", "train.log_every",
+            "train.checkpoint_every", "train.keep_checkpoints", "eval.batch_size")
+NON_NEGATIVE = ("train.lr", "train.weight_decay", "train.warmup_fraction", "train.stop_after",
+                "model.smoothing_sigma", "eval.heatmaps_per_category", "train.feature_cache_max_gb")
+
+
+def _get(c, dotted: str):
+    for part in dotted.split("."):
+        c = c[part]
+    return c
+
+
+def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks `c` once (enums, sizes, rules, dataset entries); returns it. Raises ConfigError."""
+    for field, allowed in ENUMS.items():
+        value = _get(c, field)
+        if value not in allowed:
+            raise ConfigError(f"config field {field}={value!r} is not one of: "
+                              + ", ".join(allowed))
+    for field in POSITIVE:
+        if not _get(c, field) > 0:
+            raise ConfigError(f"config field {field}={_get(c, field)!r} must be > 0")
+    for field in NON_NEGATIVE:
+        if not _get(c, field) >= 0:
+            raise ConfigError(f"config field {field}={_get(c, field)!r} must be >= 0")
+    if c.model.class_name_source == "fixed" and not c.model.class_name:
+        raise ConfigError("config field model.class_name must name the word when "
+                          "model.class_name_source='fixed'")
+    if c.data.image_size % 16:
+        raise ConfigError(f"config field data.image_size={c.data.image_size} must be a multiple "
+                          "of the patch size 16")
+    for axis in sharding.MESH_AXES:
+        size = c.mesh[axis]
+        if not (size >= 1 or size == -1):
+            raise ConfigError(f"config field mesh.{axis}={size!r} must be >= 1 (or -1: the rest)")
+    try:
+        c.mesh.rules = sharding.validate_rules(c.mesh.rules)
+    except ValueError as e:
+        raise ConfigError(f"config field {e}") from None
+    if not isinstance(c.eval.datasets, ml_collections.ConfigDict):
+        raise ConfigError("config field eval.datasets must map dataset names to "
+                          "config.dataset_entry(root, classes) entries")
+    for name, entry in c.eval.datasets.items():
+        if not isinstance(entry, ml_collections.ConfigDict) or set(entry) != {"root", "classes"}:
+            raise ConfigError(f"config field eval.datasets.{name} must be "
+                              "config.dataset_entry(root, classes)")
+        if not entry.root:
+            raise ConfigError(f"config field eval.datasets.{name}.root is empty")
+    return c
+
+
+def object_word_source(c: ml_collections.ConfigDict) -> str:
+    """The data layer's spelling of the class-name choice ("readable", "path", "fixed:WORD")."""
+    m = c.model
+    return f"fixed:{m.class_name}" if m.class_name_source == "fixed" else m.class_name_source

@@ -33,7 +33,7 @@ def run(workdir: str = "demo_out", seed: int = 0, *, dinov3: str | None = None,
     cfg.seed = seed
     root = workdir / "data" / "synthetic"
     cfg.data.root = str(root)
-    cfg.eval.datasets = (f"synthetic={root}",)
+    cfg.eval.datasets.synthetic.root = str(root)
     if dinov3:
         cfg.model.backbone = dinov3
         from addinov3_jax import dinov3 as d3
@@ -43,6 +43,7 @@ def run(workdir: str = "demo_out", seed: int = 0, *, dinov3: str | None = None,
     if clip_text:  # real text features: class names mean something again
         cfg.model.text_tower = clip_text
         cfg.model.class_name_source = "readable"
+        cfg.model.class_name = ""
     if image_size:
         cfg.data.image_size = image_size
     if not root.exists():
@@ -56,7 +57,7 @@ def run(workdir: str = "demo_out", seed: int = 0, *, dinov3: str | None = None,
     untrained = ad.ADDinoV3(trained.backbone, trained.text_tower, trained.config,
                             rngs=nnx.Rngs(seed + 2))  # the adapters training started from
 
-    print(f"demo: evaluating zero-shot on the held-out {', '.join(cfg.eval.classes)}")
+    print(f"demo: evaluating zero-shot on the held-out {', '.join(cfg.eval.datasets.synthetic.classes)}")
     r_un = evaluate.run_from_config(cfg, workdir / "untrained", model=untrained)
     shutil.copy(workdir / "untrained" / "results.json", workdir / "results_untrained.json")
     r_tr = evaluate.run_from_config(cfg, workdir, model=trained)

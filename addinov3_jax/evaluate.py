@@ -23,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from addinov3_jax import metrics, plots
+from addinov3_jax import metrics, plots, sharding
 from addinov3_jax import model as ad
 from addinov3_jax.data import pipeline, readers
 from addinov3_jax.data.records import Record, decode_mask
+from addinov3_jax.inference import Predictor, default_mesh, gather, place_model
 
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
                "pixel_aupro")
@@ -45,28 +46,37 @@ class EvalOptions:
     text_cache_dir: str | None = None
 
 
-def predict_records(model: ad.ADDinoV3, records: Sequence[Record], words: Sequence[str],
+def predict_records(predictor: Predictor, records: Sequence[Record], words: Sequence[str],
                     opts: EvalOptions, spec, desc: str = "eval"):
-    """Maps (N, S, S), scores (N,), masks (N, S, S) and the preprocessed images for heatmaps."""
+    """Maps (N, S, S), scores (N,), masks (N, S, S) of `records` on the predictor's mesh.
+
+    Each process decodes its own contiguous block of the records; the results are gathered so
+    that every process returns all N rows (process 0 computes the metrics)."""
     from tqdm.auto import tqdm
 
-    source = pipeline.RecordSource(records)
+    bb = predictor.model.backbone.config
     pre = pipeline.Preprocess(size=(opts.image_size,) * 2,
                               mask_threshold=spec.mask_threshold if spec else 0.5,
-                              classes=tuple(words), class_name_source=opts.class_name_source)
-    table = jnp.asarray(model.text_features(list(words), cache_dir=opts.text_cache_dir))
+                              classes=tuple(words), class_name_source=opts.class_name_source,
+                              mean=tuple(bb.pixel_mean), std=tuple(bb.pixel_std))
+    table = predictor.text_table(words, cache_dir=opts.text_cache_dir)
     n = len(records)
     maps = np.zeros((n, opts.image_size, opts.image_size), np.float32)
     masks = np.zeros_like(maps, dtype=np.uint8)
     scores = np.zeros(n, np.float32)
-    ds = pipeline.eval_dataset(source, pre, batch_size=opts.batch_size, worker_count=opts.worker_count)
-    for batch in tqdm(ds, total=-(-n // opts.batch_size), desc=desc, leave=False):
-        m, s = ad._predict(model, jnp.asarray(batch["image"]), table[jnp.asarray(batch["class_id"])])
-        valid = batch["valid"].astype(bool)
-        idx = batch["index"][valid]
-        maps[idx] = np.asarray(m)[valid]
-        scores[idx] = np.asarray(s)[valid]
-        masks[idx] = batch["mask"][valid].astype(np.uint8)
+    local = predictor.local_rows(opts.batch_size)
+    ds = pipeline.eval_dataset(pipeline.RecordSource(records), pre, batch_size=local,
+                               shard_index=jax.process_index(), shard_count=jax.process_count(),
+                               worker_count=opts.worker_count)
+    show = jax.process_index() == 0
+    for batch in tqdm(ds, desc=desc, leave=False, disable=not show):
+        m, s = predictor(batch["image"], batch["class_id"], table)
+        rows = {k: gather(predictor.to_global(batch[k])) for k in ("index", "valid", "mask")}
+        valid = rows["valid"].astype(bool)
+        idx = rows["index"][valid]
+        maps[idx] = gather(m)[valid]
+        scores[idx] = gather(s)[valid]
+        masks[idx] = rows["mask"][valid].astype(np.uint8)
     return maps, scores, masks
 
 
@@ -124,19 +134,24 @@ def mean_metrics(categories: dict[str, dict]) -> dict[str, float]:
     return out
 
 
-def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple[str, str]], out_dir: str | os.PathLike,
+def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.PathLike,
              *, classes: Sequence[str] | None = None, opts: EvalOptions | None = None,
              config: dict | None = None, on_bad_sample: str = "error",
-             results_name: str = "results") -> dict:
-    """Evaluates `model` on each (dataset name, root); writes `{results_name}.json`, `.md`,
-    `heatmaps/` and `curves/` under `out_dir`; returns the results dict."""
+             results_name: str = "results", mesh=None, rules=sharding.DEFAULT_RULES) -> dict:
+    """Evaluates `model` on each `(dataset name, root)` or `(name, root, classes)`, on `mesh`
+    (default: `inference.default_mesh(batch_size)`); process 0 writes `{results_name}.json`, `.md`,
+    `heatmaps/` and `curves/` under `out_dir`. Returns the results dict (on every process)."""
     opts = opts or EvalOptions()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor(model, mesh or default_mesh(opts.batch_size), rules)
     results: dict = {"datasets": {}, "config": config or {}}
-    for name, root in datasets:
+    for name, root, *own in datasets:
+        classes_here = tuple(own[0]) if own and own[0] else classes
         spec = readers.spec_for(name)
-        chosen = tuple(classes) if classes else None
+        chosen = tuple(classes_here) if classes_here else None
         if spec and chosen:
             chosen = tuple(c for c in chosen if c in spec.classes) or None
         records, report = readers.read(name, root, split="test", classes=chosen,
@@ -147,7 +162,10 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple[str, str]], out_dir: s
         cats, notes = {}, {}
         for cls, recs in sorted(per_class.items()):
             words = sorted({r.object_word(opts.class_name_source) for r in recs})
-            maps, scores, masks = predict_records(model, recs, words, opts, spec, desc=f"{name}/{cls}")
+            maps, scores, masks = predict_records(predictor, recs, words, opts, spec,
+                                                  desc=f"{name}/{cls}")
+            if not is_main:  # metrics and pictures on process 0
+                continue
             labels = np.array([r.label for r in recs])
             has_masks = all(r.has_mask for r in recs if r.label)
             if opts.resolution == "original":
@@ -171,8 +189,9 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple[str, str]], out_dir: s
             entry["skipped"] = [f"{p}: {why}" for p, why in report.skipped] + [
                 f"{p}: duplicate" for p in report.duplicates]
         results["datasets"][name] = entry
-    (out_dir / f"{results_name}.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
-    (out_dir / f"{results_name}.md").write_text(markdown(results))
+    if is_main:
+        (out_dir / f"{results_name}.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+        (out_dir / f"{results_name}.md").write_text(markdown(results))
     return results
 
 
@@ -205,30 +224,38 @@ def markdown(results: dict, other: dict | None = None, titles=("", "")) -> str:
 
 def run_from_config(config, workdir: str | os.PathLike, *, model: ad.ADDinoV3 | None = None,
                     results_name: str = "results") -> dict:
-    """`addinov3 eval`: the final model of `workdir` (or `model`) on `config.eval.datasets`."""
+    """`addinov3 eval`: the final model of `workdir` (or `model`) on `config.eval.datasets`, on
+    the config's mesh (multi-host with `config.multihost`)."""
+    from addinov3_jax import config as config_lib
+    from addinov3_jax import train
+
+    config = config_lib.validate(config)
+    if config.multihost:
+        train.init_multihost()
     workdir = Path(workdir)
+    if jax.process_index() == 0:
+        train.ensure_writable(workdir)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    rules = config.mesh.rules
     if model is None:
         if not (workdir / "model" / ad.MODEL_FILE).is_file():
             raise FileNotFoundError(f"{workdir / 'model'}: no trained model; run `addinov3 train` "
                                     "with the same --workdir first")
-        model = ad.load(workdir / "model")
+        model = ad.load(workdir / "model", mesh=mesh, rules=rules)
+    else:
+        model = place_model(model, mesh, rules)
     datasets = []
-    for item in config.eval.datasets:
-        name, _, root = item.partition("=")
-        if not root:
-            raise ValueError(f"eval dataset {item!r} must look like NAME=ROOT")
+    for name, entry in config.eval.datasets.items():
         if name == "synthetic":
-            from addinov3_jax.data import synthetic
-
-            synthetic.ensure(root)
-        datasets.append((name, root))
+            train.check_synthetic_root(entry.root)
+        datasets.append((name, entry.root, tuple(entry.classes)))
     opts = EvalOptions(image_size=config.data.image_size, batch_size=config.eval.batch_size,
                        resolution=config.eval.resolution,
-                       class_name_source=config.model.class_name_source,
+                       class_name_source=config_lib.object_word_source(config),
                        heatmaps_per_category=config.eval.heatmaps_per_category,
                        curves=config.eval.curves, text_cache_dir=str(workdir / "text_cache"))
-    return evaluate(model, datasets, workdir, classes=tuple(config.eval.classes) or None, opts=opts,
-                    config=json.loads(config.to_json_best_effort()), results_name=results_name)
+    return evaluate(model, datasets, workdir, opts=opts, config=json.loads(config.to_json_best_effort()),
+                    results_name=results_name, mesh=mesh, rules=rules)
 
 
 def device_summary() -> str:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from addinov3_jax import clip_text, dinov3, layers, prompts
+from addinov3_jax import clip_text, dinov3, layers, prompts, sharding
 
 TEXT_LAYOUTS = ("stack", "interleave")
 IMAGE_SCORES = ("global", "max", "mean_of_both")
@@ -140,6 +140,7 @@ class Adapters(nnx.Module):
 def _logits(adapters, patches_lbnd, cls_lbd, text_be2, cfg: HeadConfig):
     """Grid-level cross-modal logits (L, B, N, 2), AACM logits (L, B, N) and global logits (B, 2)."""
     act = lambda x: jax.nn.leaky_relu(x, cfg.leaky_slope)  # noqa: E731
+    patches_lbnd = sharding.constrain(patches_lbnd, (None, "act_batch", "act_tokens", "act_embed"))
     p = l2_normalize(act(jnp.einsum("lbnd,lde->lbne", patches_lbnd, adapters["patch"])))
     c = l2_normalize(act(jnp.einsum("lbd,lde->lbe", cls_lbd, adapters["cls"])))
     t_n = act(text_be2[..., 0] @ adapters["prompt"][0])
@@ -256,19 +257,26 @@ class ADDinoV3(nnx.Module):
             uniq = list(dict.fromkeys(names))
             table = self.text_features(uniq, cache_dir)
             text_be2 = table[[uniq.index(n) for n in names]]
-        return _predict(self, jnp.asarray(images_bhwc), jnp.asarray(text_be2))
+        return _predict_jit(self.backbone, trainable_params(self), jnp.asarray(images_bhwc),
+                            jnp.asarray(text_be2), self.config)
 
 
-@nnx.jit
-def _predict(model: ADDinoV3, images, text_be2):
-    p = model.backbone.config.patch_size
-    grid = (images.shape[1] // p, images.shape[2] // p)
-    patches, cls = model.features(images)
-    maps, g = anomaly_map(trainable_params(model), patches, cls, text_be2, grid,
-                          images.shape[1:3], model.config)
-    if model.config.smoothing_sigma > 0:
-        maps = gaussian_blur(maps, model.config.smoothing_sigma)
-    return maps, image_scores(maps, g, model.config.image_score)
+def predict_step(backbone: dinov3.DinoV3, adapters: dict[str, jax.Array], images_bhwc: jax.Array,
+                 text_be2: jax.Array, cfg: HeadConfig) -> tuple[jax.Array, jax.Array]:
+    """The one inference computation (eval, predict, `ADDinoV3.predict`): pixel maps (B, H, W)
+    and image scores (B,) of normalised images and their classes' (E, 2) prototypes."""
+    p = backbone.config.patch_size
+    grid = (images_bhwc.shape[1] // p, images_bhwc.shape[2] // p)
+    patches, cls = extract_features(backbone, images_bhwc, cfg)
+    maps, g = anomaly_map(adapters, patches, cls, text_be2, grid, images_bhwc.shape[1:3], cfg)
+    if cfg.smoothing_sigma > 0:
+        maps = gaussian_blur(maps, cfg.smoothing_sigma)
+    return maps, image_scores(maps, g, cfg.image_score)
+
+
+@nnx.jit(static_argnums=(4,))
+def _predict_jit(backbone, adapters, images, text_be2, cfg):
+    return predict_step(backbone, adapters, images, text_be2, cfg)
 
 
 # The one trainability filter, used by the optimizer and the gradient: parameters under `adapters`.
@@ -334,10 +342,11 @@ def save(model: ADDinoV3, directory: str | os.PathLike, *, backbone: str | None 
 
 
 def load(path: str | os.PathLike | None = None, *, backbone=None, text_tower=None, adapters=None,
-         config: HeadConfig | None = None, **overrides) -> ADDinoV3:
+         config: HeadConfig | None = None, mesh=None, rules=None, **overrides) -> ADDinoV3:
     """Loads a model directory (`model.json`) or a set of three converted directories.
 
-    `overrides` replace head-config fields (e.g. `text_layout="interleave"`).
+    `overrides` replace head-config fields (e.g. `text_layout="interleave"`); with `mesh` and
+    `rules` every variable is placed sharded (towers read shard by shard).
     """
     from addinov3_jax.weight_conversion import adapters as adapter_conv
 
@@ -352,10 +361,15 @@ def load(path: str | os.PathLike | None = None, *, backbone=None, text_tower=Non
         raise ValueError("give a model directory or all of backbone, text_tower and adapters")
     params, meta = adapter_conv.read(adapters)
     head_cfg = config or HeadConfig(**{**meta.get("head", {}), **overrides})
-    bb = backbone if isinstance(backbone, dinov3.DinoV3) else dinov3.load(backbone)
-    tt = text_tower if isinstance(text_tower, clip_text.TextTower) else clip_text.load(text_tower)
+    bb = backbone if isinstance(backbone, dinov3.DinoV3) else dinov3.load(backbone, mesh=mesh,
+                                                                             rules=rules)
+    tt = text_tower if isinstance(text_tower, clip_text.TextTower) else clip_text.load(
+        text_tower, mesh=mesh, rules=rules)
     model = ADDinoV3(bb, tt, head_cfg, rngs=nnx.Rngs(0))
     from addinov3_jax import checkpoint_io
 
     checkpoint_io.assign(model.adapters, params, source=str(adapters))
+    if mesh is not None:
+        state = nnx.state(model.adapters)
+        nnx.update(model.adapters, jax.device_put(state, sharding.state_shardings(state, mesh, rules)))
     return model

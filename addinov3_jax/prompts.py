@@ -113,5 +113,7 @@ def text_features(
             found[w] = f
             if cache is not None:
                 cache.mkdir(parents=True, exist_ok=True)
-                np.save(cache / f"{keys[w]}.npy", f)
+                tmp = cache / f".{keys[w]}.{os.getpid()}.npy"  # atomic: processes may share it
+                np.save(tmp, f)
+                os.replace(tmp, cache / f"{keys[w]}.npy")
     return np.stack([found[w] for w in class_names])

@@ -50,8 +50,8 @@ DEFAULT_RULES: Rules = (
     ("heads", "tensor"),
     ("qkv", None),
     ("vocab", "tensor"),
-    ("adapter", None),
-    ("adapter_in", None),
+    ("adapter", "tensor"),
+    ("adapter_in", "fsdp"),
 )
 # Every parameter replicated (pure data parallelism), batches still split over data x fsdp.
 REPLICATED_RULES: Rules = tuple((k, v if k in ("batch", "act_batch") else None)

@@ -1,28 +1,31 @@
-"""Training of the AD-DINOv3 adapters: sharded optax steps, feature cache, orbax checkpoints.
+"""Training of the AD-DINOv3 adapters: one `TrainState` pytree, one pure `train_step`.
 
 The backbone and the text tower are frozen and there is no augmentation, so a step is split in
-two jitted functions: `features` (frozen DINOv3 taps, or a lookup in the feature cache) and `step`
-(head, losses, AdamW update of the adapters). The same `step` consumes cached and freshly computed
-features, so both give identical parameters (bitwise with an fp32 cache).
+two jitted functions: `feature_step` (frozen DINOv3 taps; or a lookup in the feature cache) and
+`train_step` (head, losses, AdamW update of the adapters). The same `train_step` consumes cached
+and fresh features, so both give identical parameters (bitwise with an fp32 cache).
 
-Only parameters under `adapters` train (`model.TRAINABLE`); they and the optimizer state are small
-and replicated; the frozen backbone follows the config's sharding rules; batches are split over
-the mesh's `data` and `fsdp` axes. Checkpoints (orbax) hold the adapters, the optimizer state, the
-data-iterator state and JSON metadata; re-running the same command resumes from the latest one.
+Everything is built abstractly first (`nnx.eval_shape` / `jax.eval_shape`) and materialized in
+the shardings that the config's rules give on the mesh (`towers.py`, `init_train_state`); batches
+split over the `batch` rule's axes; `train_step` donates the state and pins its out shardings, so
+a run compiles it once. `train(config, workdir)` wires data, steps, checkpoints and writers;
+re-running the same command resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
-import logging
 import math
 import os
+import signal
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -31,65 +34,38 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from addinov3_jax import clip_text, dinov3, losses, sharding
+from addinov3_jax import checkpointing, losses, prompts, sharding, towers
+from addinov3_jax import config as config_lib
 from addinov3_jax import model as ad
 from addinov3_jax.data import pipeline, readers
+from addinov3_jax.feature_cache import FEATURE_AXES, FeatureCache, global_batch, nbytes
 
-log = logging.getLogger("addinov3.train")
+# Test hook: SIGKILL this process right after step k (checkpoints written so far are complete),
+# to check that resuming after a kill gives the uninterrupted result bitwise.
+KILL_AFTER_STEP_ENV = "ADDINOV3_SIGKILL_AFTER_STEP"
 
-RULES = {"replicated": sharding.REPLICATED_RULES, "fsdp": sharding.FSDP_RULES}
-BATCH = ("data", "fsdp")
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C during training; the message says where and how to resume."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """All the training state: the adapter kernels, the optimizer state and the step."""
+
+    step: jax.Array
+    params: dict[str, jax.Array]
+    opt_state: Any
 
 
 # ---------------------------------------------------------------------------------------------
-# Building blocks
+# Pure building blocks
 
 
 def head_config(cfg: ml_collections.ConfigDict) -> ad.HeadConfig:
     m = cfg.model
     return ad.HeadConfig(feature_layers=tuple(m.feature_layers), text_layout=m.text_layout,
                          image_score=m.image_score, smoothing_sigma=m.smoothing_sigma)
-
-
-def build_model(cfg: ml_collections.ConfigDict) -> ad.ADDinoV3:
-    """Backbone and text tower from converted paths, or random init from variant names."""
-    m = cfg.model
-    dtype = jnp.dtype(m.compute_dtype)
-    if m.backbone in dinov3.VARIANTS:
-        backbone = dinov3.create(m.backbone, rngs=nnx.Rngs(cfg.seed), scan_layers=m.scan_layers,
-                                 compute_dtype=dtype)
-    else:
-        backbone = dinov3.load(m.backbone, scan_layers=m.scan_layers, compute_dtype=dtype)
-    if m.text_tower in clip_text.VARIANTS:
-        text = clip_text.create(m.text_tower, activation=m.text_activation,
-                                rngs=nnx.Rngs(cfg.seed + 1))
-    else:
-        text = clip_text.load(m.text_tower, activation=m.text_activation or None)
-    return ad.ADDinoV3(backbone, text, head_config(cfg), rngs=nnx.Rngs(cfg.seed + 2))
-
-
-def training_source(cfg: ml_collections.ConfigDict):
-    """(source, object words, preprocess, report) of the auxiliary training data."""
-    d = cfg.data
-    if d.name == "synthetic":
-        from addinov3_jax.data import synthetic
-
-        synthetic.ensure(d.root)
-    spec = readers.spec_for(d.name)
-    if d.source == "tfds":
-        from addinov3_jax.data import tfds_builders
-
-        source, report = tfds_builders.data_source(d.name, d.tfds_data_dir, d.split), None
-    else:
-        records, report = readers.read(d.name, d.root, split=d.split,
-                                       classes=tuple(d.classes) or None,
-                                       on_bad_sample=d.on_bad_sample)
-        source = pipeline.RecordSource(records)
-    words = pipeline.class_words(source, cfg.model.class_name_source)
-    pre = pipeline.Preprocess(size=(d.image_size, d.image_size),
-                              mask_threshold=spec.mask_threshold if spec else 0.5,
-                              classes=words, class_name_source=cfg.model.class_name_source)
-    return source, words, pre, report
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
@@ -103,298 +79,177 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
     return optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=1e-8, weight_decay=t.weight_decay), schedule
 
 
-def global_batch(local: dict[str, np.ndarray], mesh, keys) -> dict[str, jax.Array]:
-    """Process-local numpy batch -> global arrays split over the batch axes."""
-    out = {}
-    for k in keys:
-        arr = np.asarray(local[k])
-        spec = PartitionSpec(BATCH, *([None] * (arr.ndim - 1)))
-        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), arr)
-    return out
+def _train_state_init(create_adapters, tx):
+    def init() -> TrainState:
+        params = nnx.to_pure_dict(nnx.state(create_adapters()))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    return init
 
 
-class FeatureCache:
-    """Frozen features (and masks, labels, classes) of every training image, computed once.
+def abstract_train_state(create_adapters, tx, mesh, rules) -> tuple[TrainState, TrainState]:
+    """(shapes, shardings) of the `TrainState`, without allocating anything: adapter kernels by
+    their logical axes, the optimizer's moments like their parameters, counters replicated."""
+    abstract = nnx.state(nnx.eval_shape(create_adapters))
+    param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract, mesh, rules))
+    rep = NamedSharding(mesh, PartitionSpec())
+    abstract_state = jax.eval_shape(_train_state_init(create_adapters, tx))
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state,
+                                          param_shardings, transform_non_params=lambda _: rep)
+    return abstract_state, TrainState(step=rep, params=param_shardings, opt_state=opt_shardings)
 
-    `mode`: "device" (replicated on every device, lookups stay on the device), "memory" (host
-    RAM) or "disk" (memory-mapped .npy files under the workdir).
+
+def init_train_state(create_adapters, tx, mesh, rules) -> tuple[TrainState, TrainState]:
+    """(state, its shardings): built abstractly, then materialized by
+    `jax.jit(init, out_shardings=...)` directly in the rules' layout."""
+    _, shardings = abstract_train_state(create_adapters, tx, mesh, rules)
+    return jax.jit(_train_state_init(create_adapters, tx), out_shardings=shardings)(), shardings
+
+
+def feature_step(backbone_state: nnx.State, images_bhwc: jax.Array, *, graphdef,
+                 head_cfg: ad.HeadConfig) -> tuple[jax.Array, jax.Array]:
+    """Frozen features of a batch: standardised patches (L, B, N, D) and CLS (L, B, D)."""
+    return ad.extract_features(nnx.merge(graphdef, backbone_state), images_bhwc, head_cfg)
+
+
+def train_step(state: TrainState, frozen: dict[str, jax.Array], batch: dict[str, jax.Array], *,
+               tx, head_cfg: ad.HeadConfig, grid: tuple[int, int],
+               size: tuple[int, int]) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One AdamW step of the adapters on a batch of features.
+
+    Args:
+      state: the `TrainState`.
+      frozen: `{"text": (C, E, 2)}` the class prototypes of the frozen text tower.
+      batch: `patches` (L, B, N, D), `cls` (L, B, D), `mask` (B, H, W), `label`, `class_id` (B,).
+    Returns the new state and the loss terms.
     """
+    text = frozen["text"][batch["class_id"]]
 
-    def __init__(self, n: int, n_layers: int, tokens: int, dim: int, size: int, mode: str,
-                 dtype: str, directory: Path | None):
-        self.mode, self.dtype = mode, np.dtype(jnp.dtype(dtype))
-        spec = {"patches": ((n, n_layers, tokens, dim), self.dtype), "cls": ((n, n_layers, dim), self.dtype),
-                "mask": ((n, size, size), np.uint8), "label": ((n,), np.int32),
-                "class_id": ((n,), np.int32)}
-        if mode == "disk":
-            directory.mkdir(parents=True, exist_ok=True)
-            self.arrays = {k: np.lib.format.open_memmap(directory / f"{k}.npy", "w+", dt, shape)
-                           for k, (shape, dt) in spec.items()}
-        else:
-            self.arrays = {k: np.zeros(shape, dt) for k, (shape, dt) in spec.items()}
-        self.device = None
+    def loss_fn(params):
+        out = ad.head(params, batch["patches"], batch["cls"], text, grid, size, head_cfg)
+        terms = losses.total(out, batch["mask"], batch["label"])
+        return terms["loss"], terms
 
-    @staticmethod
-    def nbytes(n, n_layers, tokens, dim, dtype) -> float:
-        return n * n_layers * (tokens + 1) * dim * np.dtype(jnp.dtype(dtype)).itemsize
-
-    def write(self, idx: np.ndarray, patches_lbnd, cls_lbd, local: dict) -> None:
-        self.arrays["patches"][idx] = np.swapaxes(patches_lbnd, 0, 1).astype(self.dtype)
-        self.arrays["cls"][idx] = np.swapaxes(cls_lbd, 0, 1).astype(self.dtype)
-        for k in ("mask", "label", "class_id"):
-            self.arrays[k][idx] = local[k]
-
-    def finalize(self, mesh) -> None:
-        if self.mode == "device":
-            rep = NamedSharding(mesh, PartitionSpec())
-            self.device = {k: jax.device_put(v, rep) for k, v in self.arrays.items()}
-            out = {"patches": NamedSharding(mesh, PartitionSpec(None, BATCH)),
-                   "cls": NamedSharding(mesh, PartitionSpec(None, BATCH))}
-            out.update({k: NamedSharding(mesh, PartitionSpec(BATCH)) for k in ("mask", "label", "class_id")})
-            self._gather = jax.jit(_gather, out_shardings=out)
-
-    def lookup(self, idx: np.ndarray, mesh) -> dict[str, jax.Array]:
-        """The batch at positions `idx` (process-local), as global arrays like the live path."""
-        if self.device is not None:
-            got = self._gather(self.device, global_batch({"i": idx}, mesh, ["i"])["i"])
-        else:
-            local = {k: np.asarray(v[idx]) for k, v in self.arrays.items()}
-            got = global_batch(local, mesh, ["mask", "label", "class_id"])
-            for k in ("patches", "cls"):
-                got[k] = jax.make_array_from_process_local_data(
-                    NamedSharding(mesh, PartitionSpec(None, BATCH)), local[k].swapaxes(0, 1))
-        got["patches"] = got["patches"].astype(jnp.float32)
-        got["cls"] = got["cls"].astype(jnp.float32)
-        got["mask"] = got["mask"].astype(jnp.float32)
-        return got
-
-
-def _gather(cache, idx):
-    out = {k: cache[k][idx] for k in ("mask", "label", "class_id")}
-    out["patches"] = cache["patches"][idx].swapaxes(0, 1)
-    out["cls"] = cache["cls"][idx].swapaxes(0, 1)
-    return out
+    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                      opt_state=opt_state), terms
 
 
 # ---------------------------------------------------------------------------------------------
-# The trainer
+# Data
 
 
-@dataclasses.dataclass
-class Trainer:
-    config: ml_collections.ConfigDict
-    workdir: Path
+DEMO_ROOT = config_lib.demo_config().data.root
 
-    def __post_init__(self):
-        cfg = self.config
-        self.workdir = Path(self.workdir)
-        self.is_main = jax.process_index() == 0
-        self.mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-        self.rules = RULES[cfg.mesh.rules]
-        self.model = build_model(cfg)
-        self.head_cfg = self.model.config
-        self.source, self.words, self.preprocess, self.report = training_source(cfg)
-        n_proc = jax.process_count()
-        if cfg.train.batch_size % n_proc:
-            raise ValueError(f"batch size {cfg.train.batch_size} not divisible by {n_proc} processes")
-        self.local_batch = cfg.train.batch_size // n_proc
-        self.steps_per_epoch = pipeline.steps_per_epoch(len(self.source), self.local_batch, n_proc)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.source)} training images are fewer than one batch of "
-                             f"{cfg.train.batch_size}")
-        self.total_steps = cfg.train.epochs * self.steps_per_epoch
-        self.tx, self.schedule = make_optimizer(cfg, self.total_steps)
-        self.size = cfg.data.image_size
-        p = self.model.backbone.config.patch_size
-        self.grid = (self.size // p, self.size // p)
-        # Text prototypes once per class, replicated.
-        rep = NamedSharding(self.mesh, PartitionSpec())
-        table = self.model.text_features(list(self.words), cache_dir=self.workdir / "text_cache")
-        self.text_table = jax.device_put(jnp.asarray(table), rep)
-        # Frozen backbone placed by the rules; adapters and optimizer state replicated.
-        self.bb_graph, bb_state = nnx.split(self.model.backbone)
-        self.bb_shardings = sharding.state_shardings(bb_state, self.mesh, self.rules)
-        self.bb_state = jax.device_put(bb_state, self.bb_shardings)
-        self.params = jax.device_put(ad.trainable_params(self.model), rep)
-        self.opt_state = jax.device_put(self.tx.init(self.params), rep)
-        self._build_steps()
 
-    def _build_steps(self):
-        rep = NamedSharding(self.mesh, PartitionSpec())
-        feat = NamedSharding(self.mesh, PartitionSpec(None, BATCH))
-        bb_graph, head_cfg, grid, size = self.bb_graph, self.head_cfg, self.grid, (self.size, self.size)
+def check_synthetic_root(root: str) -> None:
+    """The synthetic data is generated only at the demo's default root; elsewhere a missing root
+    is a typo, not a request to generate data there."""
+    from addinov3_jax.data import synthetic
 
-        def features(bb_state, images):
-            return ad.extract_features(nnx.merge(bb_graph, bb_state), images, head_cfg)
+    if Path(root).exists():
+        return
+    if Path(root) == Path(DEMO_ROOT):
+        synthetic.ensure(root)
+        return
+    raise readers.DataError(f"{root}: no such dataset folder; generate the synthetic data with "
+                            f"`addinov3 data synthetic --output {root}` or fix data.root")
 
-        self.features = jax.jit(features, out_shardings=(feat, feat))
 
-        def loss_fn(params, patches, cls, text, mask, label):
-            out = ad.head(params, patches, cls, text, grid, size, head_cfg)
-            terms = losses.total(out, mask, label)
-            return terms["loss"], terms
+def training_source(cfg: ml_collections.ConfigDict, backbone_cfg):
+    """(source, object words, preprocess, report) of the auxiliary training data."""
+    d = cfg.data
+    if d.name == "synthetic":
+        check_synthetic_root(d.root)
+    spec = readers.spec_for(d.name)
+    word_source = config_lib.object_word_source(cfg)
+    if d.source == "tfds":
+        from addinov3_jax.data import tfds_builders
 
-        def step(params, opt_state, patches, cls, text_table, class_id, mask, label):
-            text = text_table[class_id]
-            (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                params, patches, cls, text, mask, label)
-            updates, opt_state = self.tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, terms
-
-        self.step = jax.jit(step, donate_argnums=(0, 1), out_shardings=(rep, rep, rep))
-
-    # -- data -----------------------------------------------------------------------------
-
-    def _iterator(self, cached: bool):
-        cfg = self.config
-        src = list(range(len(self.source))) if cached else self.source
-        pre = _index_only if cached else self.preprocess
-        return iter(pipeline.train_dataset(
-            src, pre, batch_size=self.local_batch, seed=cfg.seed, num_epochs=cfg.train.epochs,
-            shard_index=jax.process_index(), shard_count=jax.process_count(),
-            worker_count=0 if cached else cfg.data.worker_count))
-
-    def build_cache(self) -> FeatureCache | None:
-        t = self.config.train
-        if t.feature_cache == "off":
-            return None
-        if jax.process_count() > 1:  # each host would cache a different part of the data
-            if t.feature_cache == "auto":
-                return None
-            raise ValueError("the feature cache is single-host; use --config.train.feature_cache=off "
-                             "(or auto) for multi-host training")
-        cfg_b = self.model.backbone.config
-        n_layers, tokens = len(self.head_cfg.feature_layers), self.grid[0] * self.grid[1]
-        mode = t.feature_cache
-        if mode == "auto":
-            nbytes = FeatureCache.nbytes(len(self.source), n_layers, tokens, cfg_b.embed_dim,
-                                         t.feature_cache_dtype)
-            mode = "device" if nbytes <= t.feature_cache_max_gb * 2**30 else "disk"
-        cache = FeatureCache(len(self.source), n_layers, tokens, cfg_b.embed_dim, self.size, mode,
-                             t.feature_cache_dtype, self.workdir / "feature_cache")
-        ds = pipeline.eval_dataset(self.source, self.preprocess, batch_size=self.local_batch,
-                                   worker_count=self.config.data.worker_count)
-        bar = _progress(self.is_main, total=-(-len(self.source) // self.config.train.batch_size),
-                        desc=f"feature cache ({mode})")
-        for local in ds:
-            b = global_batch(local, self.mesh, ["image"])
-            patches, cls = self.features(self.bb_state, b["image"])
-            valid = local["valid"].astype(bool)
-            idx = local["index"][valid]
-            cache.write(idx, np.asarray(patches)[:, valid], np.asarray(cls)[:, valid],
-                        {k: local[k][valid] for k in ("mask", "label", "class_id")})
-            bar.update(1)
-        bar.close()
-        cache.finalize(self.mesh)
-        return cache
-
-    # -- checkpoints ----------------------------------------------------------------------
-
-    def _manager(self):
-        import orbax.checkpoint as ocp
-
-        opts = ocp.CheckpointManagerOptions(max_to_keep=self.config.train.keep_checkpoints,
-                                            create=True, enable_async_checkpointing=True)
-        return ocp.CheckpointManager((self.workdir / "checkpoints").absolute(), options=opts,
-                                     item_names=("params", "opt_state", "data", "meta"))
-
-    def _save(self, mngr, step: int, it, force=False):
-        import orbax.checkpoint as ocp
-
-        meta = {"step": step, "total_steps": self.total_steps, "classes": list(self.words),
-                "config": json.loads(self.config.to_json_best_effort())}
-        mngr.save(step, force=force, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(self.params), opt_state=ocp.args.StandardSave(self.opt_state),
-            data=ocp.args.JsonSave(it.get_state()), meta=ocp.args.JsonSave(meta)))
-
-    def _restore(self, mngr, it) -> int:
-        """Restores the newest readable checkpoint (older ones if it is corrupt); returns its step."""
-        import orbax.checkpoint as ocp
-
-        abstract = lambda tree: jax.tree.map(  # noqa: E731
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
-        for step in sorted(mngr.all_steps(), reverse=True):
-            try:
-                got = mngr.restore(step, args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(abstract(self.params)),
-                    opt_state=ocp.args.StandardRestore(abstract(self.opt_state)),
-                    data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-                it.set_state(got["data"])
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back
-                log.warning("checkpoint %d in %s is unreadable (%s: %s); trying an older one",
-                            step, self.workdir / "checkpoints", type(e).__name__, e)
-                print(f"warning: checkpoint {step} is unreadable ({type(e).__name__}); "
-                      "falling back to an older one", file=sys.stderr)
-                continue
-            self.params, self.opt_state = got["params"], got["opt_state"]
-            return int(step)
-        return 0
-
-    # -- the loop -------------------------------------------------------------------------
-
-    def run(self) -> dict[str, Any]:
-        cfg = self.config
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cache = self.build_cache()
-        it = self._iterator(cached=cache is not None)
-        mngr = self._manager()
-        start = self._restore(mngr, it)
-        writer = _Writers(self.workdir, self.is_main)
-        if start:
-            print(f"resuming from step {start} of {self.total_steps}")
-        bar = _progress(self.is_main, total=self.total_steps, initial=start, desc="train")
-        t_last, n_last, last_terms = time.perf_counter(), start, None
-        for step in range(start, self.total_steps):
-            local = next(it)
-            if cache is not None:
-                b = cache.lookup(np.asarray(local["index"]), self.mesh)
-                patches, cls, mask = b["patches"], b["cls"], b["mask"]
-            else:
-                b = global_batch(local, self.mesh, ["image", "mask", "class_id", "label"])
-                patches, cls = self.features(self.bb_state, b["image"])
-                mask = b["mask"]
-            self.params, self.opt_state, terms = self.step(
-                self.params, self.opt_state, patches, cls, self.text_table, b["class_id"], mask,
-                b["label"])
-            last_terms = terms
-            done = step + 1
-            if done % cfg.train.log_every == 0 or done == self.total_steps:
-                dt = time.perf_counter() - t_last
-                rate = (done - n_last) / max(dt, 1e-9)
-                row = {k: float(v) for k, v in terms.items()}
-                row.update(step=done, lr=float(self.schedule(done - 1)), steps_per_s=rate,
-                           images_per_s=rate * cfg.train.batch_size)
-                writer.write(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-                t_last, n_last = time.perf_counter(), done
-            if done % cfg.train.checkpoint_every == 0 and done != self.total_steps:
-                self._save(mngr, done, it)
-            bar.update(1)
-        bar.close()
-        if not mngr.latest_step() == self.total_steps:
-            self._save(mngr, self.total_steps, it, force=True)
-        mngr.wait_until_finished()
-        mngr.close()
-        writer.close()
-        ad.set_trainable_params(self.model, self.params)
-        if self.is_main:
-            self.save_model()
-        return {"steps": self.total_steps, "resumed_from": start,
-                "compilations": self.step._cache_size(),
-                "final": {k: float(v) for k, v in (last_terms or {}).items()}}
-
-    def save_model(self) -> Path:
-        """Writes `workdir/model/` (adapters + towers or references) for `predict` / `eval`."""
-        m = self.config.model
-        ref = lambda p: None if p in dinov3.VARIANTS or p in clip_text.VARIANTS else str(  # noqa: E731
-            Path(p).absolute())
-        return ad.save(self.model, self.workdir / "model", backbone=ref(m.backbone),
-                       text_tower=ref(m.text_tower))
+        source, report = tfds_builders.data_source(d.name, d.tfds_data_dir, d.split), None
+    else:
+        records, report = readers.read(d.name, d.root, split=d.split,
+                                       classes=tuple(d.classes) or None,
+                                       on_bad_sample=d.on_bad_sample)
+        source = pipeline.RecordSource(records)
+    words = pipeline.class_words(source, word_source)
+    pre = pipeline.Preprocess(size=(d.image_size, d.image_size),
+                              mask_threshold=spec.mask_threshold if spec else 0.5,
+                              classes=words, class_name_source=word_source,
+                              mean=tuple(backbone_cfg.pixel_mean), std=tuple(backbone_cfg.pixel_std))
+    return source, words, pre, report
 
 
 def _index_only(i) -> dict:
     """Cached training reads only the example's position; the cache holds the rest."""
     return {"index": np.int32(i)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Work directory: writable, locked, never recomputed when finished
+
+
+def ensure_writable(path: Path) -> None:
+    """Fails before any heavy work when `path` cannot be created or written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test.{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"{path}: not writable ({e.strerror or e}); choose another --workdir "
+                              "or fix its permissions") from None
+
+
+class WorkdirLock:
+    """`WORKDIR/.lock` (pid and host) held for the length of a run: a second `train` in the same
+    workdir is refused with the owner's pid; a stale lock (dead pid on this host) is taken over."""
+
+    def __init__(self, workdir: Path, enabled: bool = True):
+        self.path, self.enabled = workdir / ".lock", enabled
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    owner = json.loads(self.path.read_text())
+                except (OSError, json.JSONDecodeError):
+                    owner = {}
+                if owner.get("host") == me["host"] and not _alive(owner.get("pid", -1)):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise RuntimeError(
+                    f"{self.path.parent}: another `addinov3 train` (pid {owner.get('pid', '?')} on "
+                    f"{owner.get('host', '?')}) is using this workdir; wait for it to finish, or "
+                    f"delete {self.path} if that process is gone") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return self
+        raise RuntimeError(f"{self.path}: could not take the workdir lock")
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError):
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
 
 
 def _progress(enabled: bool, **kw):
@@ -404,15 +259,22 @@ def _progress(enabled: bool, **kw):
 
 
 class _Writers:
-    """JSON lines and TensorBoard event files, written by process 0 only."""
+    """JSON lines and TensorBoard event files, written by process 0 only. On resume from step
+    s, rows past s (written after the checkpoint the run resumes from) are dropped first."""
 
-    def __init__(self, workdir: Path, enabled: bool):
+    def __init__(self, workdir: Path, enabled: bool, resume_step: int):
         self.enabled = enabled
-        if enabled:
-            from tensorboardX import SummaryWriter
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
 
-            self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        path = workdir / "metrics.jsonl"
+        if path.is_file():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in keep))
+        self.jsonl = open(path, "a")  # noqa: SIM115
+        self.tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -435,6 +297,8 @@ def init_multihost() -> None:
     ADDINOV3_PROCESS_ID when set (e.g. several processes on one machine), else auto-detected
     (TPU pods, SLURM, ...). CPU processes exchange data with gloo."""
     env = os.environ
+    if jax.distributed.is_initialized():
+        return
     if env.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if "ADDINOV3_COORDINATOR" in env:
@@ -445,8 +309,220 @@ def init_multihost() -> None:
         jax.distributed.initialize()
 
 
+def _build_cache(cfg, source, preprocess, backbone_state, features, mesh, rules, grid, dim,
+                 local_batch, workdir, is_main) -> FeatureCache | None:
+    t = cfg.train
+    if t.feature_cache == "off":
+        return None
+    if jax.process_count() > 1:  # each host would cache a different part of the data
+        if t.feature_cache == "auto":
+            return None
+        raise ValueError("the feature cache is single-host; use --config.train.feature_cache=off "
+                         "(or auto) for multi-host training")
+    n_layers, tokens = len(cfg.model.feature_layers), grid[0] * grid[1]
+    mode = t.feature_cache
+    if mode == "auto":
+        size = nbytes(len(source), n_layers, tokens, dim, t.feature_cache_dtype)
+        mode = "device" if size <= t.feature_cache_max_gb * 2**30 else "disk"
+    cache = FeatureCache(len(source), n_layers, tokens, dim, cfg.data.image_size, mode,
+                         t.feature_cache_dtype, workdir / "feature_cache")
+    ds = pipeline.eval_dataset(source, preprocess, batch_size=local_batch,
+                               worker_count=cfg.data.worker_count)
+    bar = _progress(is_main, total=-(-len(source) // local_batch), desc=f"feature cache ({mode})")
+    for local in ds:
+        images = global_batch(local, mesh, rules, {"image": 0})["image"]
+        with sharding.use(mesh, rules):
+            patches, cls = features(backbone_state, images)
+        valid = local["valid"].astype(bool)
+        cache.write(local["index"][valid], np.asarray(patches)[:, valid], np.asarray(cls)[:, valid],
+                    {k: local[k][valid] for k in ("mask", "label", "class_id")})
+        bar.update(1)
+    bar.close()
+    cache.finalize(mesh, rules)
+    return cache
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Trains (or resumes) in `workdir`; returns a summary."""
-    if config.multihost:
+    """Trains (or resumes, or reports finished) in `workdir`; returns a summary."""
+    cfg = config_lib.validate(config)
+    if cfg.multihost:
         init_multihost()
-    return Trainer(config, Path(workdir)).run()
+    workdir = Path(workdir)
+    is_main = jax.process_index() == 0
+    ensure_writable(workdir)
+    with WorkdirLock(workdir, enabled=is_main):
+        return _run(cfg, workdir, is_main)
+
+
+def _run(cfg: ml_collections.ConfigDict, workdir: Path, is_main: bool) -> dict[str, Any]:
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    rules = cfg.mesh.rules
+    bb_cfg = towers.backbone_config(cfg.model)
+    source, words, preprocess, _ = training_source(cfg, bb_cfg)
+    n_proc, t = jax.process_count(), cfg.train
+    if t.batch_size % n_proc or t.batch_size % sharding.data_parallel_size(mesh, rules):
+        raise ValueError(f"train.batch_size {t.batch_size} must be divisible by the {n_proc} "
+                         f"processes and the {sharding.data_parallel_size(mesh, rules)}-way "
+                         "batch split of the mesh")
+    local_batch = t.batch_size // n_proc
+    steps_per_epoch = pipeline.steps_per_epoch(len(source), local_batch, n_proc)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(source)} training images are fewer than one batch of {t.batch_size}")
+    total = t.epochs * steps_per_epoch
+    if checkpointing.latest_step(workdir) == total and (workdir / "model" / ad.MODEL_FILE).is_file():
+        if is_main:
+            print(f"{workdir}: already finished ({total} steps); the model is in {workdir / 'model'}")
+        return {"steps": total, "resumed_from": total, "compilations": 0, "finished": True,
+                "final": {}}
+    stop = min(t.stop_after or total, total)
+    tx, schedule = make_optimizer(cfg, total)
+    size, p = cfg.data.image_size, bb_cfg.patch_size
+    grid, head_cfg = (size // p, size // p), head_config(cfg)
+
+    # Frozen towers (sharded by the rules) and the text prototypes, computed once per class.
+    backbone = towers.backbone(cfg.model, mesh, rules, cfg.seed)
+    text = towers.text_tower(cfg.model, mesh, rules, cfg.seed)
+    with sharding.use(mesh, rules):
+        table = prompts.text_features(text, list(words), cache_dir=workdir / "text_cache")
+    frozen = {"text": jax.device_put(jnp.asarray(table), NamedSharding(mesh, PartitionSpec()))}
+    graphdef, backbone_state = nnx.split(backbone)
+
+    create_adapters = towers.adapters_fn(bb_cfg.embed_dim, text.config.embed_dim,
+                                         len(head_cfg.feature_layers), cfg.seed)
+    state, state_shardings = init_train_state(create_adapters, tx, mesh, rules)
+    feat = sharding.batch_sharding(mesh, rules, 3, axis=1)
+    features = jax.jit(functools.partial(feature_step, graphdef=graphdef, head_cfg=head_cfg),
+                       out_shardings=(sharding.batch_sharding(mesh, rules, 4, axis=1), feat))
+    step_fn = jax.jit(functools.partial(train_step, tx=tx, head_cfg=head_cfg, grid=grid,
+                                        size=(size, size)),
+                      donate_argnums=(0,),
+                      out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())))
+
+    cache = _build_cache(cfg, source, preprocess, backbone_state, features, mesh, rules, grid,
+                         bb_cfg.embed_dim, local_batch, workdir, is_main)
+    it = iter(pipeline.train_dataset(
+        list(range(len(source))) if cache else source, _index_only if cache else preprocess,
+        batch_size=local_batch, seed=cfg.seed, num_epochs=t.epochs,
+        shard_index=jax.process_index(), shard_count=n_proc,
+        worker_count=0 if cache else cfg.data.worker_count))
+    mngr = checkpointing.manager(workdir, t.keep_checkpoints)
+    start, restored, data_state = checkpointing.restore_latest(mngr, checkpointing.abstract(state))
+    if restored is not None:
+        state = restored
+        it.set_state(data_state)
+        if is_main:
+            print(f"resuming from step {start} of {total}")
+    meta = {"total_steps": total, "classes": list(words), "config": json.loads(cfg.to_json_best_effort())}
+    writer = _Writers(workdir, is_main, start)
+    kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0"))
+
+    bar = _progress(is_main, total=total, initial=start, desc="train")
+    t_last, n_last, last_terms, done = time.perf_counter(), start, None, start
+    try:
+        for step in range(start, stop):
+            local = next(it)
+            if cache is not None:
+                batch = cache.lookup(np.asarray(local["index"]))
+            else:
+                batch = global_batch(local, mesh, rules, {k: FEATURE_AXES[k] for k in
+                                                          ("mask", "label", "class_id")})
+                images = global_batch(local, mesh, rules, {"image": 0})["image"]
+                with sharding.use(mesh, rules):
+                    batch["patches"], batch["cls"] = features(backbone_state, images)
+            with sharding.use(mesh, rules):
+                state, terms = step_fn(state, frozen, batch)
+            last_terms, done = terms, step + 1
+            if done % t.log_every == 0 or done in (total, stop):
+                rate = (done - n_last) / max(time.perf_counter() - t_last, 1e-9)
+                row = {k: float(v) for k, v in terms.items()}
+                row.update(step=done, lr=float(schedule(done - 1)), steps_per_s=rate,
+                           images_per_s=rate * t.batch_size)
+                writer.write(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                t_last, n_last = time.perf_counter(), done
+            if done % t.checkpoint_every == 0 and done != total:
+                checkpointing.save(mngr, done, state, it.get_state(), {"step": done, **meta})
+            bar.update(1)
+            if done == kill_after:
+                mngr.wait_until_finished()
+                os.kill(os.getpid(), signal.SIGKILL)
+    except KeyboardInterrupt:
+        bar.close()
+        if done > start and mngr.latest_step() != done:
+            checkpointing.save(mngr, done, state, it.get_state(), {"step": done, **meta}, force=True)
+        mngr.wait_until_finished()
+        mngr.close()
+        writer.close()
+        raise TrainingInterrupted(f"interrupted at step {done} of {total}; rerun the same command "
+                                  "to resume") from None
+    bar.close()
+    if mngr.latest_step() != done:
+        checkpointing.save(mngr, done, state, it.get_state(), {"step": done, **meta}, force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    summary = {"steps": done, "total_steps": total, "resumed_from": start,
+               "compilations": step_fn._cache_size(),
+               "final": {k: float(v) for k, v in (last_terms or {}).items()}}
+    if done < total:
+        if is_main:
+            print(f"stopped after step {done} of {total} (train.stop_after); rerun without it to "
+                  "continue")
+        return summary
+    save_model(cfg, workdir / "model", backbone, text, state.params, head_cfg, is_main)
+    return summary
+
+
+def _to_host(tree):
+    """Arrays as host numpy (gathered across processes when they are not all addressable)."""
+    from jax.experimental import multihost_utils
+
+    def one(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+        return np.asarray(a)
+
+    return jax.tree.map(one, tree)
+
+
+def save_model(cfg, directory: Path, backbone, text, params, head_cfg, is_main: bool) -> None:
+    """Writes `directory` (adapters + towers, or references to converted towers) for `predict`
+    and `eval`. Random towers are written too, so the directory is self-contained."""
+    m = cfg.model
+    ref = lambda p, variants: None if p in variants else str(Path(p).absolute())  # noqa: E731
+    bb_ref, tt_ref = ref(m.backbone, towers.dinov3.VARIANTS), ref(m.text_tower, towers.clip_text.VARIANTS)
+    parts = {"adapters": params}
+    if bb_ref is None:
+        parts["backbone"] = nnx.state(backbone)
+    if tt_ref is None:
+        parts["text"] = nnx.state(text)
+    host = _to_host(parts)  # every process takes part in the gathers
+    if not is_main:
+        return
+    if "backbone" in host:
+        nnx.update(backbone, host["backbone"])
+    if "text" in host:
+        nnx.update(text, host["text"])
+    model = ad.ADDinoV3(backbone, text, head_cfg, rngs=nnx.Rngs(0))
+    ad.set_trainable_params(model, host["adapters"])
+    ad.save(model, directory, backbone=bb_ref, text_tower=tt_ref)
+
+
+def summary_line(summary: dict[str, Any], workdir) -> str:
+    if summary.get("finished"):
+        return f"nothing to do: {workdir} already holds the finished run"
+    if summary["steps"] < summary.get("total_steps", summary["steps"]):
+        return f"stopped after step {summary['steps']}; checkpoint in {workdir}/checkpoints"
+    return (f"trained {summary['steps']} steps (resumed from {summary['resumed_from']}); final loss "
+            f"{summary['final'].get('loss', float('nan')):.4f}; model written to {workdir}/model")
+
+
+def main_entry(config, workdir) -> int:
+    """`addinov3 train`: prints one line on Ctrl-C instead of a traceback."""
+    try:
+        summary = train(config, workdir)
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
+    print(summary_line(summary, workdir))
+    return 0

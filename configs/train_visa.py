@@ -4,18 +4,25 @@
         --config.model.backbone=ckpt/dinov3_vitl16 --config.model.text_tower=ckpt/clip_l14_336 \
         --config.data.root=/data/VisA_20220922
 
+Override an evaluation root with `--config.eval.datasets.NAME.root=PATH`.
 `--config=configs/train_visa.py:tiny` shrinks everything (random tiny towers, 64 px, 2 epochs).
 """
+
+import ml_collections
 
 from addinov3_jax import config
 
 
 def get_config(arg: str = ""):
+    config.check_arg(arg, ("", "tiny"), __file__)
     c = config.base_config()
     c.data.name = "visa"
     c.data.root = "data/VisA_20220922"
-    c.eval.datasets = ("mvtec=data/mvtec_anomaly_detection", "btad=data/BTech_Dataset_transformed",
-                       "mpdd=data/MPDD")
+    c.eval.datasets = ml_collections.ConfigDict({
+        "mvtec": config.dataset_entry("data/mvtec_anomaly_detection"),
+        "btad": config.dataset_entry("data/BTech_Dataset_transformed"),
+        "mpdd": config.dataset_entry("data/MPDD"),
+    })
     if arg == "tiny":
         config.shrink(c)
     return c

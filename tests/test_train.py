@@ -1,5 +1,6 @@
 """Training: loss decreases, sharding rules (golden file), one compilation, cached == uncached,
-SIGKILL + resume == uninterrupted, corrupt checkpoints, two processes on localhost."""
+SIGKILL + resume == uninterrupted, corrupt checkpoints, two processes on localhost, FSDP / tensor
+parallel meshes equal to data parallelism, the workdir lock, finished and interrupted runs."""
 
 import json
 import os
@@ -70,7 +71,7 @@ def shardings_table():
     mesh = sharding.make_mesh(data=2, fsdp=4)
     model = nnx.eval_shape(lambda: dinov3.create("tiny", rngs=nnx.Rngs(0)))
     state = nnx.state(model)
-    specs = sharding.state_shardings(state, mesh, sharding.FSDP_RULES)
+    specs = sharding.state_shardings(state, mesh, sharding.DEFAULT_RULES)
     return {".".join(map(str, p)): str(v.get_value().spec) for p, v in nnx.to_flat_state(specs)}
 
 
@@ -101,26 +102,39 @@ def _train_cmd(data, workdir, epochs=4):
 
 
 def test_kill_and_resume_equals_uninterrupted(data, tmp_path):
+    """SIGKILL right after step 5 (deterministic: a test hook in the loop, checkpoints at 2 and 4
+    are on disk), then the same command resumes; the result is bitwise the uninterrupted one."""
     env = dict(os.environ)
-    full = subprocess.run(_train_cmd(data, tmp_path / "full", 12), env=env, capture_output=True,
+    full = subprocess.run(_train_cmd(data, tmp_path / "full", 6), env=env, capture_output=True,
                           text=True, timeout=600)
     assert full.returncode == 0, full.stderr[-2000:]
-    proc = subprocess.Popen(_train_cmd(data, tmp_path / "killed", 12), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "killed" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "killed" / "model").exists(), "the run finished before the kill"
-    resumed = subprocess.run(_train_cmd(data, tmp_path / "killed", 12), env=env, capture_output=True,
+    killed = subprocess.run(_train_cmd(data, tmp_path / "killed", 6), capture_output=True, text=True,
+                            env=dict(env, **{train.KILL_AFTER_STEP_ENV: "5"}), timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (tmp_path / "killed" / "model").exists()
+    resumed = subprocess.run(_train_cmd(data, tmp_path / "killed", 6), env=env, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from step" in resumed.stdout
+    assert "resuming from step 4 of 12" in resumed.stdout
     a, b = final_params(tmp_path / "full"), final_params(tmp_path / "killed")
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # bitwise
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13)), steps  # rows 5 (after the kept checkpoint) not repeated
+    again = subprocess.run(_train_cmd(data, tmp_path / "killed", 6), env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_stop_after_then_resume_equals_uninterrupted(data, tmp_path):
+    full = train.train(tiny_config(data, epochs=3), tmp_path / "full")
+    part = train.train(tiny_config(data, epochs=3, stop_after=3), tmp_path / "part")
+    assert part["steps"] == 3 and not (tmp_path / "part" / "model").exists()
+    rest = train.train(tiny_config(data, epochs=3), tmp_path / "part")
+    assert rest["resumed_from"] == 3 and rest["steps"] == full["steps"]
+    a, b = final_params(tmp_path / "full"), final_params(tmp_path / "part")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_corrupt_checkpoint_falls_back(data, tmp_path, capsys):
@@ -128,10 +142,13 @@ def test_corrupt_checkpoint_falls_back(data, tmp_path, capsys):
     train.train(cfg, tmp_path)
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     newest = tmp_path / "checkpoints" / str(steps[-1])
-    for f in (newest / "params").rglob("*"):
+    for f in (newest / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
     cfg.train.epochs = 4  # continue past the corrupt checkpoint
+    import shutil
+
+    shutil.rmtree(tmp_path / "model")
     summary = train.train(cfg, tmp_path)
     assert summary["resumed_from"] == steps[-2]
     assert "unreadable" in capsys.readouterr().err
@@ -172,3 +189,77 @@ def test_training_from_arrayrecord_equals_raw(data, tmp_path):
     a, b = final_params(tmp_path / "raw"), final_params(tmp_path / "stored")
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _cli_params(data, workdir, *mesh_flags):
+    cmd = _train_cmd(data, workdir, epochs=2) + list(mesh_flags)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return final_params(workdir)
+
+
+def test_fsdp_and_tensor_parallel_equal_data_parallel(data, tmp_path):
+    """Same data, same steps: sharding the weights (fsdp, tensor) changes no result beyond 1e-6."""
+    ref = _cli_params(data, tmp_path / "data8", "--config.mesh.data=8")
+    for name, flags in (("fsdp4_tensor2", ("--config.mesh.data=1", "--config.mesh.fsdp=4",
+                                           "--config.mesh.tensor=2")),
+                        ("fsdp8", ("--config.mesh.data=1", "--config.mesh.fsdp=8"))):
+        got = _cli_params(data, tmp_path / name, *flags)
+        for k, v in ref.items():
+            np.testing.assert_allclose(got[k], v, atol=1e-6, rtol=0, err_msg=f"{name}: {k}")
+
+
+def test_sharded_state_has_no_full_copies(data, tmp_path):
+    """With fsdp=8 every large backbone, text-tower and adapter array lives in 8 shards: no device
+    holds a whole copy (live-buffer accounting on the simulated devices)."""
+    from addinov3_jax import towers
+
+    cfg = tiny_config(data)
+    mesh = sharding.make_mesh(1, 8, 1)
+    rules = sharding.DEFAULT_RULES
+    backbone = towers.backbone(cfg.model, mesh, rules, 0)
+    for path, var in nnx.to_flat_state(nnx.state(backbone)):
+        arr = var.get_value()
+        if arr.ndim and "embed" in (var.get_metadata().get("out_sharding") or ()):
+            shard = arr.addressable_shards[0].data
+            assert shard.size * 8 == arr.size, (path, shard.shape, arr.shape)
+    state, _ = train.init_train_state(towers.adapters_fn(64, 32, 4, 0), optax_adamw(), mesh, rules)
+    patch = state.params["patch"]
+    assert patch.addressable_shards[0].data.size * 8 == patch.size
+    full = {a.shape for a in jax.live_arrays() if len(a.sharding.device_set) == 1 and a.size > 4096}
+    assert not full, full
+
+
+def optax_adamw():
+    import optax
+
+    return optax.adamw(1e-3)
+
+
+def test_lock_finished_and_unwritable(data, tmp_path):
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": __import__("socket").gethostname()}))
+    with pytest.raises(RuntimeError, match=f"pid {os.getpid()}"):
+        train.train(tiny_config(data), work)
+    (work / ".lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": __import__("socket").gethostname()}))
+    train.train(tiny_config(data, epochs=1), work)  # a stale lock is taken over
+    assert not (work / ".lock").exists()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores permissions
+            pytest.skip("running as root: permissions are not enforced")
+        with pytest.raises(PermissionError, match="not writable"):
+            train.train(tiny_config(data), ro / "run")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_missing_synthetic_root_is_refused(tmp_path):
+    cfg = tiny_config(tmp_path / "typo")
+    with pytest.raises(Exception, match="no such dataset folder"):
+        train.train(cfg, tmp_path / "run")
+    assert not (tmp_path / "typo").exists()

@@ -1,0 +1,98 @@
+"""The training feature cache: frozen DINOv3 features of every training image, computed once.
+
+The backbone is frozen and there is no augmentation, so every epoch sees the same features. The
+cache holds them (with masks, labels and class ids) in one of three places:
+
+* "device": on the accelerators, replicated; a batch is a jitted gather (no host traffic);
+* "memory": host RAM;
+* "disk": memory-mapped `.npy` files under `WORKDIR/feature_cache/`.
+
+A lookup returns global arrays laid out exactly like the live path's (`batch` axis split by the
+rules), so the train step cannot tell cached from fresh features (bitwise with an fp32 cache).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from addinov3_jax import sharding
+
+MODES = ("device", "memory", "disk")
+LABEL_KEYS = ("mask", "label", "class_id")
+
+
+def global_batch(local: dict[str, np.ndarray], mesh, rules, axes: dict[str, int]) -> dict[str, jax.Array]:
+    """Process-local numpy rows -> global arrays split over the `batch` rule along `axes[key]`."""
+    return {k: jax.make_array_from_process_local_data(
+        sharding.batch_sharding(mesh, rules, np.ndim(local[k]), axis), np.asarray(local[k]))
+        for k, axis in axes.items()}
+
+
+FEATURE_AXES = {"patches": 1, "cls": 1, "mask": 0, "label": 0, "class_id": 0}
+
+
+def nbytes(n: int, n_layers: int, tokens: int, dim: int, dtype) -> int:
+    return n * n_layers * (tokens + 1) * dim * np.dtype(jnp.dtype(dtype)).itemsize
+
+
+class FeatureCache:
+    """Features `patches` (N, L, T, D), `cls` (N, L, D) and `mask`, `label`, `class_id` per image."""
+
+    def __init__(self, n: int, n_layers: int, tokens: int, dim: int, size: int, mode: str,
+                 dtype: str, directory: Path | None = None):
+        if mode not in MODES:
+            raise ValueError(f"feature cache mode must be one of {MODES}, got {mode!r}")
+        self.mode, self.dtype = mode, np.dtype(jnp.dtype(dtype))
+        spec = {"patches": ((n, n_layers, tokens, dim), self.dtype),
+                "cls": ((n, n_layers, dim), self.dtype), "mask": ((n, size, size), np.uint8),
+                "label": ((n,), np.int32), "class_id": ((n,), np.int32)}
+        if mode == "disk":
+            directory.mkdir(parents=True, exist_ok=True)
+            self.arrays = {k: np.lib.format.open_memmap(directory / f"{k}.npy", "w+", dt, shape)
+                           for k, (shape, dt) in spec.items()}
+        else:
+            self.arrays = {k: np.zeros(shape, dt) for k, (shape, dt) in spec.items()}
+        self.device = None
+
+    def write(self, idx: np.ndarray, patches_lbnd, cls_lbd, local: dict) -> None:
+        self.arrays["patches"][idx] = np.swapaxes(patches_lbnd, 0, 1).astype(self.dtype)
+        self.arrays["cls"][idx] = np.swapaxes(cls_lbd, 0, 1).astype(self.dtype)
+        for k in LABEL_KEYS:
+            self.arrays[k][idx] = local[k]
+
+    def finalize(self, mesh, rules) -> None:
+        """Moves a "device" cache onto the devices (replicated) and compiles its gather."""
+        self.mesh, self.rules = mesh, rules
+        if self.mode == "device":
+            rep = NamedSharding(mesh, PartitionSpec())
+            self.device = {k: jax.device_put(v, rep) for k, v in self.arrays.items()}
+            out = {k: sharding.batch_sharding(mesh, rules, 4 if k == "patches" else
+                                              (3 if k in ("cls", "mask") else 1), axis)
+                   for k, axis in FEATURE_AXES.items()}
+            self._gather = jax.jit(_gather, out_shardings=out)
+
+    def lookup(self, idx: np.ndarray) -> dict[str, jax.Array]:
+        """The batch at positions `idx` (process-local), as global arrays like the live path."""
+        if self.device is not None:
+            i = global_batch({"i": idx}, self.mesh, self.rules, {"i": 0})["i"]
+            got = self._gather(self.device, i)
+        else:
+            local = {k: np.asarray(v[idx]) for k, v in self.arrays.items()}
+            local["patches"], local["cls"] = local["patches"].swapaxes(0, 1), local["cls"].swapaxes(0, 1)
+            got = global_batch(local, self.mesh, self.rules, FEATURE_AXES)
+        got["patches"] = got["patches"].astype(jnp.float32)
+        got["cls"] = got["cls"].astype(jnp.float32)
+        got["mask"] = got["mask"].astype(jnp.float32)
+        return got
+
+
+def _gather(cache, idx):
+    out = {k: cache[k][idx] for k in LABEL_KEYS}
+    out["patches"] = cache["patches"][idx].swapaxes(0, 1)
+    out["cls"] = cache["cls"][idx].swapaxes(0, 1)
+    return out

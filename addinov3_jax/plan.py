@@ -1,0 +1,123 @@
+"""`addinov3 plan`: per-device memory of the compiled feature and train steps, from shapes only.
+
+Nothing is allocated and no weights or data are read: the towers, the `TrainState` and the
+batches are abstract (`nnx.eval_shape` / `jax.ShapeDtypeStruct` with their shardings); the two
+steps are lowered and compiled for the config's mesh and XLA's `memory_analysis()` reports the
+argument, output and temporary bytes of one device's program. A variant name or a converted
+directory's metadata is enough to describe a tower.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from addinov3_jax import config as config_lib
+from addinov3_jax import sharding, towers, train
+
+
+def _bytes(abstract_state, shardings) -> tuple[int, int]:
+    """(total bytes, bytes on the most loaded device) of a tree of abstract arrays."""
+    leaves = jax.tree.leaves(abstract_state)
+    shards = jax.tree.leaves(shardings)
+    total = sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in leaves)
+    per_device = sum(sharding.shard_bytes(a.shape, a.dtype, s) for a, s in zip(leaves, shards, strict=True))
+    return total, per_device
+
+
+def _with_shardings(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
+def _memory(compiled) -> dict[str, int]:
+    m = compiled.memory_analysis()
+    return {"argument_bytes_per_device": int(m.argument_size_in_bytes),
+            "output_bytes_per_device": int(m.output_size_in_bytes),
+            "temp_bytes_per_device": int(m.temp_size_in_bytes),
+            "alias_bytes_per_device": int(m.alias_size_in_bytes)}
+
+
+def plan(config) -> dict[str, Any]:
+    """The memory plan of `config` (see the module docstring) as a JSON-ready dict."""
+    cfg = config_lib.validate(config)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    rules = cfg.mesh.rules
+    m, b, size = cfg.model, cfg.train.batch_size, cfg.data.image_size
+    bb = towers.abstract_backbone(m)
+    graphdef, bb_state = nnx.split(bb)
+    bb_shardings = sharding.state_shardings(bb_state, mesh, rules)
+    bb_total, bb_dev = _bytes(bb_state, bb_shardings)
+    text_dim = towers.text_dim(m)
+    head_cfg = train.head_config(cfg)
+    n_layers = len(head_cfg.feature_layers)
+    grid = (size // bb.config.patch_size,) * 2
+    tokens, dim = grid[0] * grid[1], bb.config.embed_dim
+
+    tx, _ = train.make_optimizer(cfg, 1000)
+    create = towers.adapters_fn(dim, text_dim, n_layers, cfg.seed)
+    abstract_state, state_shardings = train.abstract_train_state(create, tx, mesh, rules)
+    st_total, st_dev = _bytes(abstract_state, state_shardings)
+
+    images = jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32,
+                                  sharding=sharding.batch_sharding(mesh, rules, 4))
+    feat4 = sharding.batch_sharding(mesh, rules, 4, axis=1)
+    feat3 = sharding.batch_sharding(mesh, rules, 3, axis=1)
+    features = jax.jit(functools.partial(train.feature_step, graphdef=graphdef, head_cfg=head_cfg),
+                       out_shardings=(feat4, feat3))
+    with sharding.use(mesh, rules):
+        feature_c = features.lower(_with_shardings(bb_state, bb_shardings), images).compile()
+    batch = {
+        "patches": jax.ShapeDtypeStruct((n_layers, b, tokens, dim), jnp.float32, sharding=feat4),
+        "cls": jax.ShapeDtypeStruct((n_layers, b, dim), jnp.float32, sharding=feat3),
+        "mask": jax.ShapeDtypeStruct((b, size, size), jnp.float32,
+                                     sharding=sharding.batch_sharding(mesh, rules, 3)),
+        "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharding.batch_sharding(mesh, rules, 1)),
+        "class_id": jax.ShapeDtypeStruct((b,), jnp.int32,
+                                         sharding=sharding.batch_sharding(mesh, rules, 1)),
+    }
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    frozen = {"text": jax.ShapeDtypeStruct((12, text_dim, 2), jnp.float32, sharding=rep)}
+    step = jax.jit(functools.partial(train.train_step, tx=tx, head_cfg=head_cfg, grid=grid,
+                                     size=(size, size)),
+                   donate_argnums=(0,), out_shardings=(state_shardings, rep))
+    with sharding.use(mesh, rules):
+        step_c = step.lower(_with_shardings(abstract_state, state_shardings), frozen, batch).compile()
+    feature_mem, step_mem = _memory(feature_c), _memory(step_c)
+    return {
+        "backbone": m.backbone, "image_size": size, "batch_size": b,
+        "mesh": {k: int(v) for k, v in mesh.shape.items()}, "devices": int(mesh.size),
+        "platform": jax.devices()[0].platform,
+        "frozen_param_bytes_total": bb_total, "frozen_param_bytes_per_device": bb_dev,
+        "train_state_bytes_total": st_total, "train_state_bytes_per_device": st_dev,
+        "temp_bytes_per_device": max(feature_mem["temp_bytes_per_device"],
+                                     step_mem["temp_bytes_per_device"]),
+        "feature_step": feature_mem, "train_step": step_mem,
+    }
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:8.3f} GiB"
+
+
+def table(p: dict[str, Any]) -> str:
+    """A human-readable rendering of `plan(...)`."""
+    mesh = " x ".join(f"{k}={v}" for k, v in p["mesh"].items())
+    lines = [f"memory plan: {p['backbone']} at {p['image_size']}px, batch {p['batch_size']}, "
+             f"mesh {mesh} ({p['devices']} {p['platform']} devices)", "",
+             f"{'':34}{'total':>14}{'per device':>14}",
+             f"{'frozen backbone parameters':34}{_gib(p['frozen_param_bytes_total']):>14}"
+             f"{_gib(p['frozen_param_bytes_per_device']):>14}",
+             f"{'train state (adapters + AdamW)':34}{_gib(p['train_state_bytes_total']):>14}"
+             f"{_gib(p['train_state_bytes_per_device']):>14}", ""]
+    for name in ("feature_step", "train_step"):
+        s = p[name]
+        lines.append(f"{name:14} per device: arguments {_gib(s['argument_bytes_per_device'])}, "
+                     f"outputs {_gib(s['output_bytes_per_device'])}, "
+                     f"temporaries {_gib(s['temp_bytes_per_device'])}")
+    return "\n".join(lines)

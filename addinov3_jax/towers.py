@@ -1,0 +1,86 @@
+"""The frozen towers and the adapters, built abstractly first and materialized sharded.
+
+`abstract_*` returns shapes only (`nnx.eval_shape`: no memory); `backbone`, `text_tower` and
+`adapters` materialize straight into the shardings the config's rules give on a mesh: random
+weights are initialised by `jax.jit(init, out_shardings=...)`, converted weights are read shard by
+shard (`checkpoint_io.place`). No process ever holds an unsharded device copy of a tower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from addinov3_jax import clip_text, dinov3, sharding
+from addinov3_jax import model as ad
+
+
+def random_sharded(create: Callable[[], nnx.Module], mesh, rules) -> nnx.Module:
+    """`create()` initialised on the mesh, each variable born in its rules' sharding."""
+    abstract = nnx.eval_shape(create)
+    graphdef, state = nnx.split(abstract)
+    shardings = sharding.state_shardings(state, mesh, rules)
+    state = jax.jit(lambda: nnx.state(create()), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def _is_variant(name: str, variants) -> bool:
+    return name in variants
+
+
+def _backbone_fn(m, seed: int):
+    dtype = jnp.dtype(m.compute_dtype)
+    return lambda: dinov3.create(m.backbone, rngs=nnx.Rngs(seed), scan_layers=m.scan_layers,
+                                 compute_dtype=dtype)
+
+
+def _text_fn(m, seed: int):
+    return lambda: clip_text.create(m.text_tower, activation=m.text_activation or None,
+                                    rngs=nnx.Rngs(seed + 1))
+
+
+def backbone_config(m) -> dinov3.Config:
+    """The backbone architecture from a variant name or a converted / original checkpoint's
+    metadata (a converted directory's weights are not read)."""
+    if _is_variant(m.backbone, dinov3.VARIANTS):
+        return dinov3.get_config(m.backbone)
+    from addinov3_jax.weight_conversion import dinov3 as conv
+
+    return conv.open_any(m.backbone)[0]
+
+
+def abstract_backbone(m) -> dinov3.DinoV3:
+    cfg = backbone_config(m)
+    return nnx.eval_shape(lambda: dinov3.DinoV3(cfg, rngs=nnx.Rngs(0), scan_layers=m.scan_layers,
+                                                compute_dtype=jnp.dtype(m.compute_dtype)))
+
+
+def backbone(m, mesh, rules, seed: int) -> dinov3.DinoV3:
+    """The frozen DINOv3 of `config.model`, sharded by `rules` on `mesh`."""
+    if _is_variant(m.backbone, dinov3.VARIANTS):
+        return random_sharded(_backbone_fn(m, seed), mesh, rules)
+    return dinov3.load(m.backbone, scan_layers=m.scan_layers, compute_dtype=m.compute_dtype,
+                       mesh=mesh, rules=rules)
+
+
+def text_dim(m) -> int:
+    if _is_variant(m.text_tower, clip_text.VARIANTS):
+        return clip_text.get_config(m.text_tower).embed_dim
+    from addinov3_jax.weight_conversion import clip_text as conv
+
+    return conv.open_any(m.text_tower)[0].embed_dim
+
+
+def text_tower(m, mesh, rules, seed: int) -> clip_text.TextTower:
+    """The frozen CLIP text tower of `config.model`, sharded by `rules` on `mesh`."""
+    if _is_variant(m.text_tower, clip_text.VARIANTS):
+        return random_sharded(_text_fn(m, seed), mesh, rules)
+    return clip_text.load(m.text_tower, activation=m.text_activation or None, mesh=mesh, rules=rules)
+
+
+def adapters_fn(visual_dim: int, text_dim_: int, num_layers: int, seed: int):
+    """The adapters' initializer (the training run's starting point for a given seed)."""
+    return lambda: ad.Adapters(visual_dim, text_dim_, num_layers, rngs=nnx.Rngs(seed + 2))

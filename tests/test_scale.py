@@ -1,0 +1,173 @@
+"""Scale-out: evaluation on the mesh equals one device, two processes equal one, the memory plan
+of vit7b16 (abstract shapes only), and the config validated at load with one-line errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from addinov3_jax import clip_text, dinov3, evaluate, sharding
+from addinov3_jax import config as config_lib
+from addinov3_jax import model as ad
+from addinov3_jax.data import synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("pill", "weave")
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale") / "synthetic"
+    return synthetic.generate(root, categories=CLASSES, size=64, normal=3, per_defect=2)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    backbone = dinov3.create("tiny", rngs=nnx.Rngs(0))
+    # LayerScale 1 instead of the 1e-5 init: the random blocks then mix the tokens, so that image
+    # scores differ between images (with 1e-5 they tie up to rounding and AUROC is noise).
+    for ls in (backbone.blocks.ls1, backbone.blocks.ls2):
+        ls.set_value(jnp.ones_like(ls[...]))
+    text = clip_text.create("tiny", rngs=nnx.Rngs(1))
+    model = ad.ADDinoV3(backbone, text, ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
+    return ad.save(model, tmp_path_factory.mktemp("scale_model") / "model")
+
+
+def _metrics(results):
+    return {(d, c, k): v for d, e in results["datasets"].items()
+            for c, row in e["categories"].items() for k, v in row.items()}
+
+
+def _assert_same(a, b, atol=1e-6):
+    ma, mb = _metrics(a), _metrics(b)
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        np.testing.assert_allclose(ma[k], mb[k], atol=atol, rtol=0, err_msg=str(k))
+
+
+def test_eval_on_eight_devices_equals_one(model_dir, syn, tmp_path):
+    opts = evaluate.EvalOptions(image_size=64, batch_size=8, heatmaps_per_category=0, curves=False)
+    runs = {}
+    for name, mesh in (("one", sharding.make_mesh(1, 1, 1)), ("data8", sharding.make_mesh(8, 1, 1)),
+                       ("fsdp4_tensor2", sharding.make_mesh(1, 4, 2))):
+        model = ad.load(model_dir, mesh=mesh, rules=sharding.DEFAULT_RULES)
+        runs[name] = evaluate.evaluate(model, [("synthetic", str(syn), CLASSES)], tmp_path / name,
+                                       opts=opts, mesh=mesh)
+    _assert_same(runs["one"], runs["data8"])
+    _assert_same(runs["one"], runs["fsdp4_tensor2"])
+
+
+def _eval_cmd(workdir, syn, *extra):
+    return [sys.executable, "-m", "addinov3_jax.cli", "eval", "--config",
+            str(REPO / "configs" / "demo.py"), "--workdir", str(workdir),
+            "--config.data.image_size=64", "--config.eval.batch_size=8",
+            "--config.eval.heatmaps_per_category=0", "--config.eval.curves=False",
+            f"--config.eval.datasets.synthetic.root={syn}",
+            f"--config.eval.datasets.synthetic.classes={CLASSES!r}", *extra]
+
+
+def test_two_process_eval_equals_one_process(model_dir, syn, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    for w in (one, two):
+        shutil.copytree(model_dir, w / "model")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    res = subprocess.run(_eval_cmd(one, syn), env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    port = 21000 + os.getpid() % 20000
+    procs = []
+    for pid in range(2):
+        penv = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                    ADDINOV3_COORDINATOR=f"127.0.0.1:{port}", ADDINOV3_NUM_PROCESSES="2",
+                    ADDINOV3_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen(_eval_cmd(two, syn, "--config.multihost=True"), env=penv,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    _assert_same(json.loads((one / "results.json").read_text()),
+                 json.loads((two / "results.json").read_text()))
+
+
+def test_plan_vit7b_fsdp8_splits_the_parameters():
+    res = subprocess.run(
+        [sys.executable, "-m", "addinov3_jax.cli", "plan", "--config",
+         str(REPO / "configs" / "train_visa.py"), "--json", "--config.model.backbone=vit7b16",
+         "--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.train.batch_size=64",
+         "--config.data.image_size=512"],
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    p = json.loads(res.stdout)
+    assert p["devices"] == 8 and p["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    total = p["frozen_param_bytes_total"]
+    assert total > 25 * 2**30  # ~6.7 B fp32 parameters
+    assert p["frozen_param_bytes_per_device"] <= total / 8 * 1.05
+    assert p["train_state_bytes_per_device"] <= p["train_state_bytes_total"] / 8 * 1.05
+    for step in ("feature_step", "train_step"):
+        assert p[step]["temp_bytes_per_device"] > 0
+    # The feature step's parameter arguments are the shards, not the whole backbone.
+    assert p["feature_step"]["argument_bytes_per_device"] < total / 8 * 1.1
+    assert "temp_bytes_per_device" in p
+
+
+def test_load_reads_converted_weights_shard_by_shard(model_dir, monkeypatch):
+    """A converted directory is read slice by slice: no read ever returns a whole sharded tensor."""
+    from addinov3_jax import checkpoint_io
+
+    reads = []
+    original = checkpoint_io.Tensors.read
+
+    def spy(self, key, index, shape):
+        out = original(self, key, index, shape)
+        reads.append((key, out.size, int(np.prod(shape))))
+        return out
+
+    monkeypatch.setattr(checkpoint_io.Tensors, "read", spy)
+    mesh = sharding.make_mesh(1, 8, 1)
+    backbone = dinov3.load(str(Path(model_dir) / "backbone"), mesh=mesh, rules=sharding.DEFAULT_RULES)
+    kernel = dict(reads)["blocks.mlp.fc1.kernel"]
+    assert kernel * 8 == int(np.prod(backbone.blocks.mlp.fc1.kernel.shape))
+    sliced = [k for k, n, full in reads if n < full]
+    assert "blocks.attn.qkv.kernel" in sliced and "patch_kernel" in sliced
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--config.train.epoch=3"], ["epoch"]),
+    (["--config.train.epochs=two"], ["epochs", "two"]),
+    (["--config.model.text_layout=diagonal"], ["model.text_layout", "stack", "interleave"]),
+    (["--config.train.feature_cache=gpu"], ["train.feature_cache", "device", "disk"]),
+    (["--config.mesh.fsdp=0"], ["mesh.fsdp"]),
+    (["--config.data.image_size=100"], ["data.image_size", "multiple"]),
+], ids=["unknown-key", "wrong-type", "enum", "enum-cache", "mesh", "image-size"])
+def test_bad_config_is_one_clear_line(args, fragments, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "addinov3_jax.cli", "train", "--config",
+                          str(REPO / "configs" / "demo.py"), "--workdir", str(tmp_path / "w"), *args],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("addinov3 train: error:"), res.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    assert not (tmp_path / "w").exists()
+
+
+def test_unknown_config_arg_and_rules_are_refused():
+    with pytest.raises(config_lib.ConfigError, match="unknown argument 'bogus'"):
+        config_lib.demo_config("bogus")
+    c = config_lib.demo_config()
+    c.mesh.rules = (("batch", "nope"),)
+    with pytest.raises(config_lib.ConfigError, match="unknown mesh axes"):
+        config_lib.validate(c)
+    c.mesh.rules = sharding.DEFAULT_RULES[:-1]
+    with pytest.raises(config_lib.ConfigError, match="no entry for the logical names"):
+        config_lib.validate(c)
+    c.mesh.rules = sharding.rules_preset("replicated")
+    assert config_lib.validate(c).mesh.rules == sharding.REPLICATED_RULES
