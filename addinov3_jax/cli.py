@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("parity", help="per-layer error table against the PyTorch reference",
                        description="Runs transformers' model and ours on the same input; exits "
-                                   "non-zero past the tolerance. Needs the `test` extra.")
+                                   "non-zero past the tolerance. Needs torch + transformers: "
+                                   "pip install -c requirements/constraints.txt -e '.[test]'")
     p.add_argument("kind", choices=["dinov3", "clip-text"])
     p.add_argument("--source", default=None, help="checkpoint to compare (any supported format)")
     p.add_argument("--random", default=None, metavar="VARIANT",
