@@ -356,7 +356,7 @@ def write_dir(directory: str | os.PathLike, head: HeadConfig | dict, *, adapters
         for name, part in (("backbone", backbone), ("text_tower", text_tower), ("adapters", adapters)):
             if isinstance(part, (str, os.PathLike)):
                 if link:
-                    spec[name] = str(Path(part).resolve())
+                    spec[name] = str(Path(part).absolute())
                     continue
                 if not checkpoint_io.is_converted(part):
                     raise checkpoint_io.CheckpointError(f"{part}: not a converted directory "
