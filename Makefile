@@ -14,7 +14,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
-	$(PIP) -e .
+	$(PIP) -e '.[plots]'
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps $(VOCAB_PKG)
 	touch $@
 

@@ -1,5 +1,9 @@
 """Converted checkpoint directories: `params.safetensors` + a self-describing `addinov3.json`.
 
+Directories are written atomically (`atomic_directory`: a temporary directory beside the target,
+renamed into place once complete), and an existing non-empty directory is replaced only when
+asked to (`overwrite=True`), never mixed with new files.
+
 A converted directory holds the flat parameters of one model (keys are the NNX attribute paths,
 e.g. `blocks.attn.qkv.kernel`) and JSON metadata: architecture, variant, full config, source
 format, source SHA-256, parameter count and file checksums. It loads with `load(path)` alone and
@@ -8,9 +12,13 @@ needs neither torch nor the original file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,26 +167,63 @@ def assign(model: nnx.Module, params: dict[str, np.ndarray], *, source: str) -> 
         var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
 
 
+def check_output(directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Refuses an output path that is an existing file, or a non-empty directory unless
+    `overwrite`. Returns it as a Path."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory}: exists and is a file; give a directory to write")
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        raise CheckpointError(f"{directory}: exists and is not empty; choose another output or "
+                              "pass --overwrite (overwrite=True) to replace it")
+    return directory
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a fresh temporary directory beside `directory`; when the block completes it takes
+    the place of `directory` (the old one, if any and `overwrite`, is removed); when it fails it is
+    deleted and `directory` is left untouched."""
+    directory = check_output(directory, overwrite=overwrite)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        yield tmp
+        if directory.is_dir():
+            check_output(directory, overwrite=overwrite)  # still allowed (a concurrent writer?)
+            old = directory.with_name(f"{tmp.name}.old")
+            os.rename(directory, old)
+            os.rename(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write(
     directory: str | os.PathLike,
     params: dict[str, np.ndarray],
     metadata: dict[str, Any],
     extra_files: dict[str, bytes] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Writes a converted directory; `metadata` gets the format version and checksums added."""
+    """Writes a converted directory atomically; `metadata` gets the format version and checksums
+    added. An existing non-empty `directory` is replaced only with `overwrite`."""
     from safetensors.numpy import save_file
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    arrays = {k: np.ascontiguousarray(v) for k, v in params.items()}
-    save_file(arrays, str(directory / PARAMS_FILE))
-    files = {PARAMS_FILE: sha256_file(directory / PARAMS_FILE)}
-    for name, data in (extra_files or {}).items():
-        (directory / name).write_bytes(data)
-        files[name] = hashlib.sha256(data).hexdigest()
-    meta = {"format_version": FORMAT_VERSION, **metadata, "files": files}
-    (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return directory
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        arrays = {k: np.ascontiguousarray(v) for k, v in params.items()}
+        save_file(arrays, str(tmp / PARAMS_FILE))
+        files = {PARAMS_FILE: sha256_file(tmp / PARAMS_FILE)}
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+            files[name] = hashlib.sha256(data).hexdigest()
+        meta = {"format_version": FORMAT_VERSION, **metadata, "files": files}
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return Path(directory)
 
 
 def is_converted(path: str | os.PathLike) -> bool:
@@ -187,7 +232,8 @@ def is_converted(path: str | os.PathLike) -> bool:
 
 def read_metadata(directory: str | os.PathLike, architecture: str, *,
                   verify: bool = True) -> dict[str, Any]:
-    """The metadata of a converted directory, checking architecture, version and checksums."""
+    """The metadata of a converted directory, checking architecture, version and (with
+    `verify`) the checksums of its files; reads no parameters into memory."""
     directory = Path(directory)
     meta_path = directory / METADATA_FILE
     try:

@@ -8,21 +8,37 @@ import sys
 
 
 def _convert(args: argparse.Namespace) -> int:
+    if args.kind == "model":
+        missing = [f"--{n}" for n in ("dinov3", "clip-text", "adapters")
+                   if getattr(args, n.replace("-", "_")) is None]
+        if missing or args.source:
+            raise UsageError("convert model takes --dinov3, --clip-text and --adapters (not --source)"
+                             + (f"; missing {' '.join(missing)}" if missing else ""))
+        from addinov3_jax.weight_conversion import model_dir
+
+        spec = model_dir.convert_model(args.dinov3, args.clip_text, args.adapters, args.output,
+                                       activation=args.activation, overwrite=args.overwrite)
+        print(f"wrote {args.output}: model directory (backbone {spec['backbone_variant']}, text "
+              f"tower {spec['text_tower_variant']}, adapters); load it with predict / eval")
+        return 0
+    if args.source is None:
+        raise UsageError(f"convert {args.kind} needs --source PATH (or hf://ORG/REPO)")
     if args.kind == "dinov3":
         from addinov3_jax.weight_conversion import dinov3 as conv
 
         meta = conv.convert(args.source, args.output, variant=args.variant,
-                            num_heads=args.num_heads)
+                            num_heads=args.num_heads, overwrite=args.overwrite)
     elif args.kind == "clip-text":
         from addinov3_jax.weight_conversion import clip_text as conv
 
         meta = conv.convert(args.source, args.output, variant=args.variant,
-                            activation=args.activation, vocab=args.vocab)
+                            activation=args.activation, vocab=args.vocab, overwrite=args.overwrite)
     else:
         from addinov3_jax.weight_conversion import adapters as conv
 
         layers = tuple(int(i) for i in args.feature_layers.split(","))
-        meta = conv.convert(args.source, args.output, feature_layers=layers)
+        meta = conv.convert(args.source, args.output, feature_layers=layers,
+                            overwrite=args.overwrite)
     print(f"wrote {args.output}: {meta['architecture']} {meta['variant']} "
           f"({meta['param_count']:,} parameters, from {meta['source_format']})")
     return 0
@@ -32,9 +48,7 @@ def _parity(args: argparse.Namespace) -> int:
     from addinov3_jax import parity
 
     if (args.source is None) == (args.random is None):
-        print("addinov3 parity: give exactly one of --source PATH or --random VARIANT",
-              file=sys.stderr)
-        return 2
+        raise UsageError("give exactly one of --source PATH or --random VARIANT")
     if args.kind == "dinov3":
         size = tuple(int(s) for s in args.image_size.split(","))
         ok = parity.dinov3(source=args.source, random_variant=args.random,
@@ -187,10 +201,16 @@ def _predict(args: argparse.Namespace) -> int:
     from addinov3_jax import predict
 
     model = predict.load_model(args.checkpoint)
-    rows = predict.predict(model, args.images, args.class_name, args.output,
-                           image_size=args.image_size, batch_size=args.batch_size,
-                           save_maps=args.save_maps)
-    print(f"wrote heatmaps and scores for {len(rows)} images to {args.output}")
+    result = predict.predict(model, args.images, args.class_name, args.output,
+                             image_size=args.image_size, batch_size=args.batch_size,
+                             save_maps=args.save_maps, scale=args.scale,
+                             text_cache_dir=predict.text_cache_dir(args.checkpoint, args.output))
+    for item in result.skipped:
+        print(f"skipped {item['image']}: {item['error']}", file=sys.stderr)
+    lo, hi = result.scale
+    print(f"wrote heatmaps and scores for {len(result.images)} images to {args.output} "
+          f"(colour scale {args.scale}: {lo:.4g} .. {hi:.4g})"
+          + (f"; skipped {len(result.skipped)} unreadable (listed in scores.json)" if result.skipped else ""))
     return 0
 
 
@@ -199,14 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="addinov3",
         description="AD-DINOv3 zero-shot anomaly detection in JAX (frozen DINOv3 + CLIP text).",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (before the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("convert", help="convert PyTorch / Hugging Face weights to a converted dir",
                        description="Convert a checkpoint; the format is auto-detected.")
-    p.add_argument("kind", choices=["dinov3", "clip-text", "adapters"])
-    p.add_argument("--source", required=True,
-                   help="official .pth/.pt, HF directory, .safetensors or OpenCLIP file")
+    p.add_argument("kind", choices=["dinov3", "clip-text", "adapters", "model"],
+                   help="model: assemble a model directory from --dinov3, --clip-text, --adapters")
+    p.add_argument("--source", default=None,
+                   help="official .pth/.pt, HF directory, .safetensors, OpenCLIP file, or "
+                        "hf://ORG/REPO (fetched with huggingface_hub; honours HF_HOME, HF_HUB_OFFLINE)")
     p.add_argument("--output", required=True, help="directory to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing non-empty output directory")
+    p.add_argument("--dinov3", default=None,
+                   help="model: the backbone (converted dir, original file / HF dir or hf://...)")
+    p.add_argument("--clip-text", default=None,
+                   help="model: the text tower (converted dir, original file / HF dir or hf://...)")
+    p.add_argument("--adapters", default=None,
+                   help="model: the adapters (converted dir or official .pth)")
     p.add_argument("--variant", default=None, help="expected variant (default: auto-detect)")
     p.add_argument("--num-heads", type=int, default=None,
                    help="dinov3: heads of a custom model whose shapes match no variant")
@@ -220,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("parity", help="per-layer error table against the PyTorch reference",
                        description="Runs transformers' model and ours on the same input; exits "
-                                   "non-zero past the tolerance. Needs the `test` extra.")
+                                   "non-zero past the tolerance. Needs torch + transformers: "
+                                   "pip install -c requirements/constraints.txt -e '.[test]'")
     p.add_argument("kind", choices=["dinov3", "clip-text"])
     p.add_argument("--source", default=None, help="checkpoint to compare (any supported format)")
     p.add_argument("--random", default=None, metavar="VARIANT",
@@ -266,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=512, help="network input size (default 512)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--save-maps", action="store_true", help="also write maps/<name>.npy")
+    p.add_argument("--scale", choices=["run", "fixed"], default="run",
+                   help="heatmap colours: run = min..max of this run's maps (default), fixed = 0..1")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.set_defaults(run=_predict)
 
@@ -315,6 +350,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class UsageError(ValueError):
+    """A command line that cannot be run as given."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input, not a bug: reported as one line (`--debug` for the traceback)."""
+    from addinov3_jax.checkpoint_io import CheckpointError
+    from addinov3_jax.data.records import DataError
+    from addinov3_jax.tokenizer import TokenizerError
+    from addinov3_jax.train import WorkdirBusy
+
+    return (CheckpointError, DataError, TokenizerError, UsageError, WorkdirBusy, ValueError, OSError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     if args.command in ("train", "eval", "plan"):
@@ -323,16 +379,14 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().parse_args(argv)  # reports the unknown arguments and exits
     try:
         return args.run(args)
-    except Exception as e:  # user-facing errors: one clear line, no stack trace
-        from addinov3_jax.checkpoint_io import CheckpointError
-        from addinov3_jax.config import ConfigError
-        from addinov3_jax.data.records import DataError
-
-        if isinstance(e, CheckpointError | DataError | FileNotFoundError | ConfigError
-                      | PermissionError) or (isinstance(e, RuntimeError) and "workdir" in str(e)):
-            print(f"addinov3 {args.command}: error: {e}", file=sys.stderr)
-            return 1
-        raise
+    except KeyboardInterrupt:
+        print(f"addinov3 {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # known user errors: one clear line, exit 2; --debug: the traceback
+        if args.debug or not isinstance(e, _user_errors()):
+            raise
+        print(f"addinov3 {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

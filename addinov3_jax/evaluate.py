@@ -178,7 +178,7 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
                 notes[cls] = cat_notes
             if opts.heatmaps_per_category:
                 plots.save_heatmaps(out_dir / "heatmaps" / name / cls, recs, maps, masks,
-                                    opts.heatmaps_per_category, opts.image_size)
+                                    opts.heatmaps_per_category, opts.image_size, scores=scores)
             if opts.curves and has_masks:
                 plots.save_curves(out_dir / "curves" / name / f"{cls}.png", labels, scores, masks,
                                   maps, title=f"{name} / {cls}")

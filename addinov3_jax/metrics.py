@@ -12,6 +12,9 @@ interpolation, divided by 0.3).
 `aupro_200_thresholds` is the widely copied cflow-style variant (200 equally spaced thresholds,
 FPR < 0.3, rescaled FPR axis), kept under a different name only to compare with published numbers.
 
+`curves` / `pixel_curves` return the curve points these metrics integrate (`Curves`: ROC, PR
+and PRO), for plots (`plots.save_curves`); they come from the same sort and the same formulas.
+
 A metric that is undefined (one class only, no ground-truth region) is NaN.
 """
 
@@ -34,8 +37,13 @@ def _flat(x) -> np.ndarray:
 
 def _sort_desc(xp, scores, payload):
     """One sort of packed 64-bit keys: the high half orders the float32 scores descending, the
-    low half carries the payload. Returns the sorted keys."""
-    bits = scores.astype(xp.float32).view(xp.uint32)
+    low half carries the payload. Returns the sorted keys.
+
+    -0.0 and +0.0 compare equal but have different bits: they are canonicalized to +0.0 first so
+    that they form one threshold, as in scikit-learn."""
+    scores = scores.astype(xp.float32)
+    scores = xp.where(scores == 0, xp.zeros_like(scores), scores)
+    bits = scores.view(xp.uint32)
     ordered = xp.where(bits >> 31 == 1, ~bits, bits | xp.uint32(0x80000000))  # ascending floats
     desc = (~ordered).astype(xp.uint64)
     return xp.sort((desc << xp.uint64(32)) | payload.astype(xp.uint32).astype(xp.uint64))
@@ -55,7 +63,8 @@ def _split_keys_numpy(keys):
 
 def _from_sorted_jax(s, pay, inv_region_size, n_pos, n_neg, n_regions, fpr_limit):
     """[auroc, ap, f1_max, aupro] from sorted score keys `s` and payloads (0 = negative), with
-    static shapes: masked scans over every position instead of compaction."""
+    static shapes: masked scans over every position instead of compaction (the host path,
+    `_points_numpy` + `_from_points_numpy`, compacts; a test checks they agree)."""
     xp, cummax = jnp, jax.lax.cummax
     pos = (pay > 0).astype(xp.int64)
     tp = xp.cumsum(pos)
@@ -92,27 +101,39 @@ def _from_sorted_jax(s, pay, inv_region_size, n_pos, n_neg, n_regions, fpr_limit
     return xp.stack([auroc, ap, f1, (seg + corr) / fpr_limit])
 
 
-def _from_sorted_numpy(s, pay, inv_region_size, n_pos, n_neg, n_regions, fpr_limit):
-    """`_from_sorted_jax` on the host: the same formulas on the compacted distinct-threshold points
-    (boolean indexing instead of masked scans, several times faster in NumPy)."""
+def _points_numpy(s, pay, inv_region_size, n_regions):
+    """Curve points at every distinct threshold of sorted score keys `s` (descending) and
+    payloads: (indices of the last position of each threshold, TP, FP, PRO)."""
     pos = pay > 0
     keep = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
     tp = np.cumsum(pos, dtype=np.int64)[keep]
     fp = (keep + 1) - tp
     pro = np.minimum(np.cumsum(inv_region_size[pay])[keep] / n_regions, 1.0)
+    return keep, tp, fp, pro
+
+
+def _pro_curve(fp, pro, n_neg, fpr_limit):
+    """The reference PRO curve: (0, 0), one point per threshold, closed with (1, 1), cut at
+    `fpr_limit` with a linearly interpolated end point. Returns (fpr, pro)."""
+    x = np.r_[0.0, np.minimum(fp / np.float64(n_neg), 1.0), 1.0]
+    y = np.r_[0.0, pro, 1.0]
+    i = int(np.searchsorted(x, fpr_limit, side="right"))  # x[i - 1] <= limit < x[i]
+    if i < len(x):
+        y_star = y[i - 1] + (y[i] - y[i - 1]) * (fpr_limit - x[i - 1]) / (x[i] - x[i - 1])
+        return np.r_[x[:i], fpr_limit], np.r_[y[:i], y_star]
+    return x[:i], y[:i]
+
+
+def _from_points_numpy(tp, fp, pro, n_pos, n_neg, fpr_limit):
+    """[auroc, ap, f1_max, aupro] from the curve points (the formulas of `_from_sorted_jax`)."""
     tp_prev, fp_prev = np.r_[0, tp[:-1]], np.r_[0, fp[:-1]]
     p, n = np.float64(n_pos), np.float64(n_neg)  # numpy scalars: 0/0 gives NaN, not an error
     auroc = np.sum((fp - fp_prev) * (tp + tp_prev)).astype(np.float64) / (2.0 * p * n)
     precision = tp / np.maximum(tp + fp, 1).astype(np.float64)
     ap = np.sum((tp - tp_prev) * precision) / p
     f1 = np.max(2.0 * tp / (p + tp + fp))
-    x = np.r_[0.0, np.minimum(fp / n, 1.0), 1.0]
-    y = np.r_[0.0, pro, 1.0]
-    i = int(np.searchsorted(x, fpr_limit, side="right"))  # x[i - 1] <= limit < x[i]
-    area = np.sum(0.5 * (y[1:i] + y[: i - 1]) * (x[1:i] - x[: i - 1]))
-    if i < len(x):
-        y_star = y[i - 1] + (y[i] - y[i - 1]) * (fpr_limit - x[i - 1]) / (x[i] - x[i - 1])
-        area += 0.5 * (y_star + y[i - 1]) * (fpr_limit - x[i - 1])
+    x, y = _pro_curve(fp, pro, n_neg, fpr_limit)
+    area = np.sum(0.5 * (y[1:] + y[:-1]) * (x[1:] - x[:-1]))
     return np.array([auroc, ap, f1, area / fpr_limit], np.float64)
 
 
@@ -135,8 +156,8 @@ def _run(scores, payload, inv_sizes, n_pos, n_neg, n_regions, fpr_limit, backend
     if backend == "numpy":
         s, pay = _split_keys_numpy(_sort_desc(np, scores, np.asarray(payload)))
         with np.errstate(invalid="ignore", divide="ignore"):  # undefined cases become NaN
-            return _from_sorted_numpy(s, pay, np.asarray(inv_sizes, np.float64), n_pos, n_neg,
-                                      n_regions, float(fpr_limit))
+            _, tp, fp, pro = _points_numpy(s, pay, np.asarray(inv_sizes, np.float64), n_regions)
+            return _from_points_numpy(tp, fp, pro, n_pos, n_neg, float(fpr_limit))
     with jax.enable_x64(True):
         device = None if backend == "jax" else jax.devices(backend)[0]
         args = (jnp.asarray(scores), jnp.asarray(payload, jnp.int32),
@@ -180,6 +201,86 @@ def average_precision(y_true, y_score) -> float:
 def f1_max(y_true, y_score) -> float:
     """Maximum F1 over all distinct thresholds."""
     return classification_metrics(y_true, y_score)["f1_max"]
+
+
+def _key_scores(s: np.ndarray) -> np.ndarray:
+    """The float32 scores of sort keys (`_sort_desc`'s high halves)."""
+    ordered = ~s.astype(np.uint32)
+    bits = np.where(ordered >> 31 == 1, ordered & np.uint32(0x7FFFFFFF), ~ordered)
+    return bits.astype(np.uint32).view(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Curves:
+    """The points the metrics integrate: one per distinct score, thresholds descending, at each
+    the cumulative counts of `score >= threshold` (and, for pixels, the PRO value).
+
+    `roc()`, `pr()` and `pro_curve()` give plot-ready (x, y) arrays; `metrics()` gives the
+    values `classification_metrics` / `pixel_metrics` report for the same input.
+    """
+
+    thresholds: np.ndarray  # float32, descending
+    tp: np.ndarray  # int64
+    fp: np.ndarray  # int64
+    pro: np.ndarray | None  # float64 mean per-region overlap; None for image-level curves
+    num_pos: int
+    num_neg: int
+
+    def roc(self) -> tuple[np.ndarray, np.ndarray]:
+        """(FPR, TPR), starting at (0, 0)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (np.r_[0.0, self.fp / np.float64(self.num_neg)],
+                    np.r_[0.0, self.tp / np.float64(self.num_pos)])
+
+    def pr(self) -> tuple[np.ndarray, np.ndarray]:
+        """(recall, precision) at each threshold."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.tp / np.float64(self.num_pos), self.tp / np.maximum(self.tp + self.fp, 1.0)
+
+    def pro_curve(self, fpr_limit: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+        """(FPR, PRO) of the reference AUPRO, cut at `fpr_limit` (its area / fpr_limit = AUPRO)."""
+        if self.pro is None:
+            raise ValueError("image-level curves have no PRO curve")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return _pro_curve(self.fp, self.pro, self.num_neg, float(fpr_limit))
+
+    def metrics(self, fpr_limit: float = 0.3) -> dict[str, float]:
+        pro = self.pro if self.pro is not None else np.zeros(len(self.tp))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            a, ap, f1, pro_area = _from_points_numpy(self.tp, self.fp, pro, self.num_pos,
+                                                     self.num_neg, float(fpr_limit))
+        p, n = self.num_pos, self.num_neg
+        out = {"auroc": float(a) if p and n else float("nan"), "ap": float(ap) if p else 0.0,
+               "f1_max": float(f1) if p else 0.0}
+        if self.pro is not None:
+            out["aupro"] = float(pro_area) if self.pro[-1] > 0 and n else float("nan")
+        return out
+
+
+def _curves(scores, payload, inv_sizes, n_regions, with_pro) -> Curves:
+    scores = np.asarray(scores, np.float32)
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores contain NaN or inf; metrics need finite scores")
+    s, pay = _split_keys_numpy(_sort_desc(np, scores, np.asarray(payload)))
+    keep, tp, fp, pro = _points_numpy(s, pay, np.asarray(inv_sizes, np.float64), float(max(n_regions, 1)))
+    p = int(tp[-1]) if len(tp) else 0
+    return Curves(_key_scores(s[keep]), tp, fp, pro if with_pro else None, p, int(scores.size - p))
+
+
+def curves(y_true, y_score) -> Curves:
+    """ROC and PR curve points of binary labels vs scores (the ones `classification_metrics`
+    integrates)."""
+    y, s = _binary(y_true, y_score)
+    return _curves(s, y, np.zeros(2), 1, with_pro=False)
+
+
+def pixel_curves(masks, maps, *, ground_truth: GroundTruth | None = None) -> Curves:
+    """ROC, PR and PRO curve points of (N, H, W) masks vs maps (those of `pixel_metrics`)."""
+    gt = ground_truth or GroundTruth.from_masks(masks)
+    s = _flat(maps)
+    if s.size != gt.payload.size:
+        raise ValueError(f"maps have {s.size} pixels but the masks have {gt.payload.size}")
+    return _curves(s, gt.payload, gt.inv_sizes, gt.num_regions, with_pro=True)
 
 
 @dataclasses.dataclass

@@ -305,40 +305,84 @@ def set_trainable_params(model: ADDinoV3, params: dict[str, jax.Array]) -> None:
 def save(model: ADDinoV3, directory: str | os.PathLike, *, backbone: str | None = None,
          text_tower: str | None = None) -> Path:
     """Writes a model directory: `adapters/`, `model.json` and, unless paths to existing converted
-    directories are given, `backbone/` and `text_tower/` (so the directory is self-contained)."""
+    directories are given (then referenced by absolute path), `backbone/` and `text_tower/` (so
+    the directory is self-contained). An existing model directory is replaced as a whole."""
+    from addinov3_jax import checkpoint_io
+
+    for name, ref, module in (("backbone", backbone, model.backbone),
+                              ("text_tower", text_tower, model.text_tower)):
+        if ref is None and module is None:
+            raise ValueError(f"the model has no {name} and no path to one was given")
+    return write_dir(directory, model.config,
+                     adapters=(checkpoint_io.flat_params(model.adapters), {"source_format": "addinov3-jax"}),
+                     backbone=backbone or model.backbone, text_tower=text_tower or model.text_tower,
+                     link=True, overwrite=True)
+
+
+def _tower_part(module) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, bytes]]:
+    """(params, metadata, extra files) of a backbone / text tower module, to write as a converted
+    directory."""
+    from addinov3_jax import checkpoint_io
+
+    arch, variants = (("dinov3", dinov3.VARIANTS) if isinstance(module, dinov3.DinoV3)
+                      else ("clip_text", clip_text.VARIANTS))
+    params = checkpoint_io.flat_params(module)
+    variant = next((k for k, v in variants.items() if v == module.config), "custom")
+    extra = {}
+    if arch == "clip_text":
+        from addinov3_jax import tokenizer
+
+        try:
+            extra = {tokenizer.VOCAB_FILE: tokenizer.find_vocab().read_bytes()}
+        except tokenizer.TokenizerError:
+            extra = {}
+    return params, {
+        "architecture": arch, "variant": variant, "config": module.config.to_dict(),
+        "source_format": "addinov3-jax", "param_count": int(sum(
+            v.size for k, v in params.items() if k != "rope_periods")),
+    }, extra
+
+
+def write_dir(directory: str | os.PathLike, head: HeadConfig | dict, *, adapters, backbone,
+              text_tower, link: bool = True, overwrite: bool = False) -> Path:
+    """The one model-directory writer (`save` and `addinov3 convert model`), atomic.
+
+    Writes `model.json` (part locations + head config) and the parts. Each part is one of:
+    an NNX module (backbone / text tower, written as a converted directory), a tuple
+    `(params, metadata[, extra files])` (written as a converted directory; for `adapters`,
+    `(params, extra metadata)`), or the path of a converted directory: referenced by absolute path
+    with `link=True`, copied in otherwise.
+    """
+    import shutil
+
     from addinov3_jax import checkpoint_io
     from addinov3_jax.weight_conversion import adapters as adapter_conv
 
-    directory = Path(directory)
-    adapter_conv.write(directory / "adapters", checkpoint_io.flat_params(model.adapters),
-                       model.config, source_format="addinov3-jax")
-    for name, ref, module, arch, variants in (
-        ("backbone", backbone, model.backbone, "dinov3", dinov3.VARIANTS),
-        ("text_tower", text_tower, model.text_tower, "clip_text", clip_text.VARIANTS),
-    ):
-        if ref is None:
-            if module is None:
-                raise ValueError(f"the model has no {name} and no path to one was given")
-            params = checkpoint_io.flat_params(module)
-            variant = next((k for k, v in variants.items() if v == module.config), "custom")
-            extra = {}
-            if arch == "clip_text":
-                from addinov3_jax import tokenizer
-
-                try:
-                    extra = {tokenizer.VOCAB_FILE: tokenizer.find_vocab().read_bytes()}
-                except tokenizer.TokenizerError:
-                    extra = {}
-            checkpoint_io.write(directory / name, params, {
-                "architecture": arch, "variant": variant, "config": module.config.to_dict(),
-                "source_format": "addinov3-jax", "param_count": int(sum(
-                    v.size for k, v in params.items() if k != "rope_periods")),
-            }, extra_files=extra)
-            ref = name
-    spec = {"backbone": str(backbone or "backbone"), "text_tower": str(text_tower or "text_tower"),
-            "adapters": "adapters", "head": model.config.to_dict()}
-    (directory / MODEL_FILE).write_text(json.dumps(spec, indent=2) + "\n")
-    return directory
+    head = head if isinstance(head, HeadConfig) else HeadConfig(**head)
+    with checkpoint_io.atomic_directory(directory, overwrite=overwrite) as tmp:
+        spec = {}
+        for name, part in (("backbone", backbone), ("text_tower", text_tower), ("adapters", adapters)):
+            if isinstance(part, (str, os.PathLike)):
+                if link:
+                    spec[name] = str(Path(part).absolute())
+                    continue
+                if not checkpoint_io.is_converted(part):
+                    raise checkpoint_io.CheckpointError(f"{part}: not a converted directory "
+                                                        f"({checkpoint_io.METADATA_FILE} missing)")
+                shutil.copytree(part, tmp / name)
+            elif name == "adapters":
+                params, extra = part
+                adapter_conv.write(tmp / name, params, head, source_format=extra.get(
+                    "source_format", "addinov3-jax"), extra={k: v for k, v in extra.items()
+                                                             if k != "source_format"})
+            else:
+                params, meta, files = _tower_part(part) if isinstance(part, nnx.Module) else (
+                    (*part, {}) if len(part) == 2 else part)
+                checkpoint_io.write(tmp / name, params, meta, extra_files=files)
+            spec[name] = name
+        spec["head"] = head.to_dict()
+        (tmp / MODEL_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    return Path(directory)
 
 
 def load(path: str | os.PathLike | None = None, *, backbone=None, text_tower=None, adapters=None,

@@ -1,6 +1,7 @@
 """`addinov3 parity`: per-layer error tables of our towers against the transformers references.
 
-Needs the `test` extra (torch + transformers); the package itself never imports torch elsewhere.
+Needs the `test` extra (torch + transformers: `pip install -c requirements/constraints.txt -e
+'.[test]'` from the repository root); the package itself never imports torch elsewhere.
 Everything runs in fp32 with `jax.default_matmul_precision("highest")`.
 """
 
@@ -54,7 +55,8 @@ def _torch():
         import transformers
     except ImportError as e:
         raise SystemExit(
-            "addinov3 parity needs torch and transformers: pip install 'addinov3-jax[test]'"
+            "addinov3 parity: error: needs torch and transformers; from the repository root: "
+            "pip install -c requirements/constraints.txt -e '.[test]'"
         ) from e
     return torch, transformers
 

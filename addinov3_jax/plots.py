@@ -1,17 +1,33 @@
-"""Heatmap overlays and ROC / PR / PRO curve plots, drawn with PIL (no plotting dependency)."""
+"""The pictures a person looks at: heatmap overlays (PIL) and ROC / PR / PRO curves (matplotlib).
+
+Overlays: `image | overlay (| ground-truth contour)`, a colour bar with tick labels on the right
+and a caption line with the image score below. The colour scale is explicit (`scale=(lo, hi)`),
+printed on the bar, and chosen by the caller: `predict` uses the whole run's min / max by default
+(or fixed 0-1), evaluation the category's min / max. Raw anomaly maps often peak near 1e-2, so a
+fixed 0-1 scale paints them uniformly blue.
+
+Curves: the points come from `metrics.curves` / `metrics.pixel_curves` (the same points the
+reported metrics integrate); this module only draws them, with the metric in the legend, and can
+draw several runs (e.g. trained vs untrained) in one figure. matplotlib is the optional `plots`
+extra; without it curve plots are skipped with one warning and every number is still written.
+"""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
+from addinov3_jax import metrics
 from addinov3_jax.data.records import decode_image
 
 # A perceptually ordered blue -> cyan -> yellow -> red ramp (anchor colours, linearly blended).
 _RAMP = np.array([[0, 0, 128], [0, 64, 255], [0, 200, 255], [120, 255, 120], [255, 220, 0],
                   [255, 64, 0], [128, 0, 0]], np.float32)
+COLORBAR_TICKS = 5
 
 
 def colormap(x: np.ndarray) -> np.ndarray:
@@ -23,18 +39,78 @@ def colormap(x: np.ndarray) -> np.ndarray:
     return (_RAMP[lo] * (1 - t) + _RAMP[hi] * t).astype(np.uint8)
 
 
+def _font(px: int):
+    try:
+        return ImageFont.load_default(size=px)
+    except (TypeError, OSError):  # old Pillow / no FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _tick(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def _font_px(height: int) -> int:
+    return max(10, height // 28)
+
+
+def colorbar_width(height: int) -> int:
+    """Width in pixels of the colour bar block (bar + tick labels) that `overlay` appends."""
+    return max(12, height // 16) + 6 * _font_px(height) + 12
+
+
+def colorbar_box(body_width: int, height: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the colour bar itself in an `overlay` picture whose panels
+    are `body_width` x `height` pixels (top = the scale's maximum)."""
+    margin = _font_px(height) // 2 + 4
+    left = body_width + 6
+    return left, margin, left + max(12, height // 16) - 1, height - margin - 1
+
+
 def overlay(image_rgb: np.ndarray, amap: np.ndarray, mask: np.ndarray | None = None,
-            alpha: float = 0.5) -> Image.Image:
-    """Image | heatmap overlay (| ground-truth contour) side by side."""
-    heat = colormap(amap)
-    blend = (image_rgb * (1 - alpha) + heat * alpha).astype(np.uint8)
-    panels = [image_rgb.astype(np.uint8), blend]
+            alpha: float = 0.5, *, scale: tuple[float, float] = (0.0, 1.0),
+            score: float | None = None, caption: str = "") -> Image.Image:
+    """`image | heatmap overlay (| ground-truth contour)`, a colour bar for `scale`, a caption.
+
+    `amap` holds raw map values; colours run from `scale[0]` (dark blue) to `scale[1]` (dark red),
+    values outside are clipped. The caption line shows `caption`, the image `score` and the scale.
+    """
+    lo, hi = float(scale[0]), float(scale[1])
+    norm = (np.asarray(amap, np.float64) - lo) / (hi - lo) if hi > lo else np.zeros(np.shape(amap))
+    image_rgb = np.asarray(image_rgb, np.uint8)
+    blend = (image_rgb * (1 - alpha) + colormap(norm) * alpha).astype(np.uint8)
+    panels = [image_rgb, blend]
     if mask is not None:
-        edge = mask.astype(bool) & ~_erode(mask.astype(bool))
+        m = np.asarray(mask).astype(bool)
         contour = blend.copy()
-        contour[edge] = (255, 255, 255)
+        contour[m & ~_erode(m)] = (255, 255, 255)
         panels.append(contour)
-    return Image.fromarray(np.concatenate(panels, axis=1))
+    body = np.concatenate(panels, axis=1)
+    h, w = body.shape[:2]
+    fpx = _font_px(h)
+    font = _font(fpx)
+    caption_h = int(fpx * 1.8)
+    out = Image.new("RGB", (w + colorbar_width(h), h + caption_h), "white")
+    out.paste(Image.fromarray(body), (0, 0))
+    # Colour bar: top = hi, bottom = lo, with tick marks and labels in map units.
+    x0, y0, x1, y1 = colorbar_box(w, h)
+    bar_w = x1 - x0 + 1
+    ramp = np.linspace(1, 0, y1 - y0 + 1)[:, None].repeat(bar_w, 1)
+    out.paste(Image.fromarray(colormap(ramp)), (x0, y0))
+    draw = ImageDraw.Draw(out)
+    draw.rectangle((x0, y0, x1, y1), outline=(0, 0, 0))
+    for k in range(COLORBAR_TICKS):
+        frac = k / (COLORBAR_TICKS - 1)
+        y = int(round(y0 + (1 - frac) * (ramp.shape[0] - 1)))
+        draw.line((x0 + bar_w, y, x0 + bar_w + 4, y), fill=(0, 0, 0))
+        draw.text((x0 + bar_w + 6, y), _tick(lo + frac * (hi - lo)), fill=(0, 0, 0), font=font,
+                  anchor="lm")
+    parts = [caption] if caption else []
+    if score is not None:
+        parts.append(f"score {score:.4g}")
+    parts.append(f"colours: map {_tick(lo)} .. {_tick(hi)}")
+    draw.text((4, h + caption_h // 2), "   ".join(parts), fill=(0, 0, 0), font=font, anchor="lm")
+    return out
 
 
 def _erode(m: np.ndarray) -> np.ndarray:
@@ -46,82 +122,161 @@ def _erode(m: np.ndarray) -> np.ndarray:
     return out
 
 
-def save_heatmaps(directory: Path, records, maps, masks, count: int, size: int) -> None:
-    """Overlays for up to `count` images of a category, anomalous ones first."""
+def pick_examples(records: Sequence, count: int) -> list[int]:
+    """`count` indices to draw: one image per defect type first (anomalous types in name order,
+    then normal), then more images, anomalous first."""
+    first: dict[tuple[bool, str], int] = {}
+    for i, r in enumerate(records):
+        first.setdefault((r.label == 0, r.defect), i)
+    chosen = [first[k] for k in sorted(first)]
+    rest = [i for i in sorted(range(len(records)), key=lambda i: (-records[i].label, i))
+            if i not in set(chosen)]
+    return (chosen + rest)[: max(0, count)]
+
+
+def save_heatmaps(directory: Path, records, maps, masks, count: int, size: int, *,
+                  scores: Sequence[float] | None = None,
+                  scale: tuple[float, float] | None = None) -> list[Path]:
+    """Overlays of a category: one per defect type where possible (see `pick_examples`), each
+    with its image score when `scores` is given. Colour scale: `scale`, default the category's
+    min / max map value (printed on each picture's colour bar)."""
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    order = sorted(range(len(records)), key=lambda i: (-records[i].label, i))[:count]
-    lo, hi = float(maps.min()), float(maps.max())
-    for i in order:
+    maps = np.asarray(maps)
+    scale = scale or (float(maps.min()), float(maps.max()))
+    written = []
+    for i in pick_examples(records, count):
         r = records[i]
-        img = decode_image(Path(r.image_path).read_bytes()).resize((size, size), Image.BILINEAR)
-        norm = (maps[i] - lo) / (hi - lo) if hi > lo else np.zeros_like(maps[i])
-        name = f"{Path(r.image_path).parent.name}_{Path(r.image_path).stem}.png"
-        overlay(np.asarray(img), norm, masks[i] if r.label else None).save(directory / name)
+        img = decode_image(Path(r.image_path).read_bytes(), r.image_path)
+        img = img.resize((size, size), Image.BILINEAR)
+        defect = r.defect or Path(r.image_path).parent.name
+        path = directory / f"{defect}_{Path(r.image_path).stem}.png"
+        overlay(np.asarray(img), maps[i], masks[i] if r.label else None, scale=scale,
+                score=None if scores is None else float(scores[i]),
+                caption=f"{r.class_name} / {(defect or 'anomalous') if r.label else 'normal'}",
+                ).save(path)
+        written.append(path)
+    return written
 
 
-def _curve(y: np.ndarray, s: np.ndarray, weights: np.ndarray | None = None, points: int = 400):
-    """(fpr, tpr, precision, recall) at distinct thresholds, thinned to about `points`."""
-    order = np.argsort(-s, kind="stable")
-    y, s = y[order], s[order]
-    tp = np.cumsum(y)
-    fp = np.cumsum(1 - y)
-    keep = np.append(np.flatnonzero(s[:-1] != s[1:]), len(s) - 1)
-    keep = keep[np.linspace(0, len(keep) - 1, min(points, len(keep))).astype(int)]
-    P, N = max(tp[-1], 1), max(fp[-1], 1)
-    tp, fp = tp[keep], fp[keep]
-    out = {"fpr": np.r_[0, fp / N], "tpr": np.r_[0, tp / P],
-           "recall": tp / P, "precision": tp / np.maximum(tp + fp, 1)}
-    if weights is not None:
-        w = np.cumsum(weights[order])[keep]
-        out["pro"] = np.r_[0, w / max(w[-1], 1e-12)]
-    return out
+# ------------------------------------------------------------------------------ curves
+
+_WARNED_NO_MATPLOTLIB = False
 
 
-def _panel(draw, box, title, xs, ys, xlim=(0, 1)):
-    x0, y0, x1, y1 = box
-    draw.rectangle(box, outline=(0, 0, 0))
-    draw.text((x0 + 4, y0 - 14), title, fill=(0, 0, 0))
-    for curve_x, curve_y, color in zip(xs, ys, ((200, 30, 30), (30, 30, 200)), strict=False):
-        fx = (np.clip(curve_x, *xlim) - xlim[0]) / (xlim[1] - xlim[0])
-        pts = [(x0 + fx_ * (x1 - x0), y1 - cy * (y1 - y0)) for fx_, cy in zip(fx, curve_y, strict=True)]
-        if len(pts) > 1:
-            draw.line(pts, fill=color, width=2)
+def _figure(**kw):
+    """A matplotlib Figure (no pyplot, no GUI backend), or None without matplotlib (warned once)."""
+    global _WARNED_NO_MATPLOTLIB
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        if not _WARNED_NO_MATPLOTLIB:
+            warnings.warn("matplotlib is not installed: curve plots are skipped (every metric is "
+                          "still written); install it with pip install 'addinov3-jax[plots]'",
+                          stacklevel=3)
+            _WARNED_NO_MATPLOTLIB = True
+        return None
+    return Figure(**kw)
 
 
-def save_curves(path: Path, labels, scores, masks, maps, title: str = "", max_pixels: int = 2_000_000):
-    """One PNG: image ROC, pixel ROC, pixel PR and PRO (FPR <= 0.3) curves of a category.
+def category_curves(labels, scores, masks, maps, *, ground_truth: metrics.GroundTruth | None = None
+                    ) -> dict[str, metrics.Curves | None]:
+    """{"image": ROC / PR points (None with one class only), "pixel": ROC / PR / PRO points}.
 
-    Pixel curves use a fixed random subsample of at most `max_pixels` pixels (plots only; the
-    reported metrics use every pixel).
-    """
-    from scipy import ndimage
+    `masks`, `maps`: (N, H, W) arrays, or lists of 2-D arrays of any sizes (pooled)."""
+    labels = np.asarray(labels)
+    image = metrics.curves(labels, scores) if labels.min() != labels.max() else None
+    if isinstance(maps, list):
+        gt = ground_truth or metrics.GroundTruth.from_masks_list(masks)
+        flat = np.concatenate([np.asarray(m).reshape(-1) for m in maps])
+    else:
+        gt, flat = ground_truth or metrics.GroundTruth.from_masks(masks), maps
+    return {"image": image, "pixel": metrics.pixel_curves(None, flat, ground_truth=gt)}
 
+
+def _thin(*arrays, points: int = 2000):
+    n = len(arrays[0])
+    if n <= points:
+        return arrays
+    idx = np.unique(np.linspace(0, n - 1, points).round().astype(int))
+    return tuple(a[idx] for a in arrays)
+
+
+def curves_figure(runs: Mapping[str, Mapping[str, metrics.Curves | None]], title: str = "",
+                  *, fpr_limit: float = 0.3):
+    """A matplotlib Figure with four panels (image ROC, pixel ROC, pixel PR, PRO up to
+    `fpr_limit`), one line per run, the metric value in each legend entry; None without
+    matplotlib. `runs`: {name: `category_curves(...)`}."""
+    fig = _figure(figsize=(17, 4.6), dpi=100, layout="constrained")
+    if fig is None:
+        return None
+    axes = fig.subplots(1, 4)
+    specs = (("image", "image ROC", "false positive rate", "true positive rate", "AUROC"),
+             ("pixel", "pixel ROC", "false positive rate", "true positive rate", "AUROC"),
+             ("pixel", "pixel precision-recall", "recall", "precision", "AP"),
+             ("pixel", f"PRO (FPR <= {fpr_limit:g})", "false positive rate", "per-region overlap",
+              "AUPRO"))
+    for k, (ax, (level, name, xlabel, ylabel, metric)) in enumerate(zip(axes, specs, strict=True)):
+        drawn = False
+        for run, curves in runs.items():
+            c = curves.get(level)
+            if c is None:
+                continue
+            values = c.metrics(fpr_limit)
+            if k in (0, 1):
+                x, y = c.roc()
+                value = values["auroc"]
+            elif k == 2:
+                x, y = c.pr()
+                value = values["ap"]
+            else:
+                x, y = c.pro_curve(fpr_limit)
+                value = values["aupro"]
+            x, y = _thin(x, y)
+            step = "post" if k == 2 else None
+            label = f"{run} ({metric} {value:.3f})" if len(runs) > 1 or run else f"{metric} {value:.3f}"
+            if step:
+                ax.step(x, y, where=step, label=label, linewidth=1.6)
+            else:
+                ax.plot(x, y, label=label, linewidth=1.6)
+            drawn = True
+        if k in (0, 1):
+            ax.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1, label="chance")
+        ax.set_xlim(0, fpr_limit if k == 3 else 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        if drawn:
+            ax.legend(loc="lower right" if k != 2 else "upper right", fontsize=9)
+        else:
+            ax.text(0.5, 0.5, "undefined\n(one class only)", ha="center", va="center",
+                    transform=ax.transAxes, color="grey")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def draw_curves(path, runs: Mapping[str, Mapping[str, metrics.Curves | None]], title: str = "",
+                *, fpr_limit: float = 0.3) -> bool:
+    """`curves_figure` saved as a PNG; False (and nothing written) without matplotlib."""
+    fig = curves_figure(runs, title, fpr_limit=fpr_limit)
+    if fig is None:
+        return False
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    m = np.asarray(masks).reshape(len(masks), -1) > 0
-    a = np.asarray(maps, np.float64).reshape(len(maps), -1)
-    weights = np.zeros_like(a)
-    for k in range(len(m)):
-        lab, n = ndimage.label(m[k].reshape(masks[k].shape), structure=np.ones((3, 3)))
-        if n:
-            sizes = np.bincount(lab.reshape(-1))
-            w = np.where(lab > 0, 1.0 / sizes[lab], 0.0).reshape(-1)
-            weights[k] = w
-    y, s, w = m.reshape(-1).astype(np.int64), a.reshape(-1), weights.reshape(-1)
-    if y.size > max_pixels:
-        pick = np.random.default_rng(0).choice(y.size, max_pixels, replace=False)
-        y, s, w = y[pick], s[pick], w[pick]
-    pix = _curve(y, s, w)
-    neg = 1 - y
-    fpr_ok = np.r_[0, np.cumsum(neg[np.argsort(-s, kind="stable")])[
-        np.linspace(0, len(s) - 1, len(pix["pro"]) - 1).astype(int)] / max(neg.sum(), 1)]
-    img = Image.new("RGB", (4 * 230 + 20, 270), "white")
-    d = ImageDraw.Draw(img)
-    d.text((10, 4), title, fill=(0, 0, 0))
-    labels = np.asarray(labels).astype(np.int64)
-    if labels.min() != labels.max():
-        ic = _curve(labels, np.asarray(scores, np.float64))
-        _panel(d, (10, 40, 220, 250), "image ROC", [ic["fpr"]], [ic["tpr"]])
-    _panel(d, (240, 40, 450, 250), "pixel ROC", [pix["fpr"]], [pix["tpr"]])
-    _panel(d, (470, 40, 680, 250), "pixel PR (x=recall)", [pix["recall"]], [pix["precision"]])
-    _panel(d, (700, 40, 910, 250), "PRO (x=FPR to 0.3)", [fpr_ok], [pix["pro"]], xlim=(0, 0.3))
-    img.save(path)
+    fig.savefig(path)
+    return True
+
+
+def save_curves(path, labels, scores, masks, maps, title: str = "", *, name: str = "",
+                compare: Mapping[str, Mapping[str, metrics.Curves | None]] | None = None,
+                fpr_limit: float = 0.3) -> dict[str, metrics.Curves | None]:
+    """The curves of one category (image ROC, pixel ROC, PR, PRO) drawn into `path`; `compare`
+    adds other runs' curves (e.g. `{"untrained": ...}`) to the same panels, `name` labels this
+    run. Returns this run's curves, for a later comparison."""
+    curves = category_curves(labels, scores, masks, maps)
+    runs = {name or ("this run" if compare else ""): curves, **(compare or {})}
+    draw_curves(path, runs, title, fpr_limit=fpr_limit)
+    return curves

@@ -1,95 +1,206 @@
 """`addinov3 predict`: anomaly maps and scores for your own images (any sizes), batched.
 
-Writes, under the output directory: `heatmaps/<name>.png` (image | overlay side by side, at the
-original size), optionally `maps/<name>.npy` (float32 map at the original size) and
-`scores.csv` + `scores.json` (image score per file).
+Writes, under the output directory:
+* `scores.csv`: one row per image (appended after every batch, so a crash keeps what was done);
+* `scores.json` (at the end, also after a crash): class name, score mode, colour scale, the rows
+  and the files that could not be read (`skipped`, with the reason);
+* `heatmaps/<name>.png`: image | overlay side by side at the original size, a colour bar with
+  tick labels and the image score;
+* optionally `maps/<name>.npy`: the float32 map at the original size (written per batch).
+
+Unreadable inputs are skipped and reported (printed, and listed in `scores.json`); the run fails
+only when nothing could be read.
+
+Colour scale (`scale`): `"run"` (default) maps the smallest map value of the whole run to dark
+blue and the largest to dark red, so differences between and within images are visible (raw maps
+often peak near 1e-2); the heatmaps are therefore drawn once all maps are known. `"fixed"` uses
+0..1 (comparable across runs, drawn per batch). The scale used is printed on every colour bar and
+stored in `scores.json`.
+
+The class's text prototypes are cached on disk (`text_cache_dir`), so the 420 prompts are encoded
+once per class, not once per run.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from addinov3_jax import model as ad
 from addinov3_jax import plots
-from addinov3_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
+from addinov3_jax.data.pipeline import preprocess_image
 from addinov3_jax.data.records import IMAGE_SUFFIXES, DataError, decode_image
 
+SCALES = ("run", "fixed")
+CSV_FIELDS = ("image", "name", "score", "max_pixel", "width", "height")
+PENDING = ".pending_maps"  # network-resolution maps waiting for the run's colour scale
 
-def expand(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files as given, folders expanded to their images (sorted, recursively)."""
-    out = []
+
+@dataclasses.dataclass
+class Prediction:
+    """What `predict` wrote: one row per image and the inputs it skipped (with the reason)."""
+
+    images: list[dict]
+    skipped: list[dict]
+    scale: tuple[float, float]
+
+
+def expand(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[dict]]:
+    """Files as given, folders expanded to their images (sorted, recursively). A file given
+    explicitly that is not an image (by suffix) is skipped and reported; a missing path is an
+    error (nothing has been computed yet)."""
+    out, skipped = [], []
     for item in map(Path, inputs):
         if item.is_dir():
             out += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         elif item.is_file():
-            out.append(item)
+            if item.suffix.lower() in IMAGE_SUFFIXES:
+                out.append(item)
+            else:
+                skipped.append({"image": str(item), "error": f"not an image file (suffix "
+                                f"{item.suffix or 'none'!r}; expected one of {', '.join(IMAGE_SUFFIXES)})"})
         else:
             raise DataError(f"{item}: no such file or folder")
-    if not out:
+    if not out and not skipped:
         raise DataError(f"no images found in {', '.join(map(str, inputs))}")
-    return out
+    return out, skipped
 
 
-def load_model(checkpoint: str | os.PathLike) -> ad.ADDinoV3:
-    """A model directory (`model.json`) or a training workdir containing `model/`."""
+def model_dir(checkpoint: str | os.PathLike) -> Path:
+    """The model directory (`model.json`) of a model dir or of a training workdir (`model/`)."""
     path = Path(checkpoint)
-    if (path / ad.MODEL_FILE).is_file():
-        return ad.load(path)
-    if (path / "model" / ad.MODEL_FILE).is_file():
-        return ad.load(path / "model")
+    for candidate in (path, path / "model"):
+        if (candidate / ad.MODEL_FILE).is_file():
+            return candidate
     raise FileNotFoundError(f"{path}: neither a model directory ({ad.MODEL_FILE}) nor a training "
                             "workdir with model/ inside")
 
 
+def load_model(checkpoint: str | os.PathLike) -> ad.ADDinoV3:
+    """A model directory (`model.json`) or a training workdir containing `model/`."""
+    return ad.load(model_dir(checkpoint))
+
+
+def text_cache_dir(checkpoint: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """Where the text prototypes are cached: `<model dir>/text_cache` when writable, else
+    `<output>/text_cache`."""
+    candidate = model_dir(checkpoint) / "text_cache"
+    try:
+        candidate.mkdir(exist_ok=True)
+        if os.access(candidate, os.W_OK):
+            return candidate
+    except OSError:
+        pass
+    return Path(output) / "text_cache"
+
+
+def resize_map(amap: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear (align_corners=True) resize of one map to (height, width), on the host."""
+    rh = ad.resize_matrix(amap.shape[0], height)
+    rw = ad.resize_matrix(amap.shape[1], width)
+    return (rh @ np.asarray(amap, np.float32) @ rw.T).astype(np.float32)
+
+
 def predict(model: ad.ADDinoV3, inputs, class_name: str, output: str | os.PathLike, *,
-            image_size: int = 512, batch_size: int = 8, save_maps: bool = False) -> list[dict]:
+            image_size: int = 512, batch_size: int = 8, save_maps: bool = False,
+            scale: str = "run", text_cache_dir: str | os.PathLike | None = None) -> Prediction:
+    """Maps and scores for `inputs` (files / folders); see the module docstring for the outputs.
+
+    Raises `DataError` (after writing `scores.json`) when no input could be read.
+    """
     from tqdm.auto import tqdm
 
-    paths = expand(inputs)
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    paths, skipped = expand(inputs)
     out = Path(output)
     (out / "heatmaps").mkdir(parents=True, exist_ok=True)
     if save_maps:
         (out / "maps").mkdir(parents=True, exist_ok=True)
-    text = model.text_features([class_name])  # (1, E, 2), once
-    rows = []
+    pending = out / PENDING
+    if scale == "run":
+        pending.mkdir(exist_ok=True)
+    cfg = model.backbone.config
+    # (1, E, 2), once per class (cached on disk); nothing to encode when no input is an image.
+    text = model.text_features([class_name], cache_dir=text_cache_dir) if paths else None
     names = _unique_names(paths)
-    for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch"):
-        chunk = paths[start : start + batch_size]
-        originals = [decode_image(p.read_bytes(), str(p)) for p in chunk]
-        batch = np.stack([
-            (np.asarray(im.resize((image_size, image_size), Image.BILINEAR), np.float32) / 255.0
-             - IMAGENET_MEAN) / IMAGENET_STD for im in originals])
-        # Pad to a full batch so every call has the same shape (one compilation).
-        pad = batch_size - len(chunk)
-        if pad:
-            batch = np.concatenate([batch, np.repeat(batch[-1:], pad, 0)])
-        maps, scores = model.predict(batch, class_name,
-                                     text_be2=jnp.repeat(jnp.asarray(text), batch_size, 0))
-        maps, scores = np.asarray(maps)[: len(chunk)], np.asarray(scores)[: len(chunk)]
-        for p, im, m, s in zip(chunk, originals, maps, scores, strict=True):
-            w, h = im.size
-            full = np.asarray(ad.upsample_bilinear(jnp.asarray(m)[None, ..., None], (h, w)))[0, ..., 0]
-            name = names[p]
-            plots.overlay(np.asarray(im), np.clip(full, 0, 1)).save(out / "heatmaps" / f"{name}.png")
-            if save_maps:
-                np.save(out / "maps" / f"{name}.npy", full.astype(np.float32))
-            rows.append({"image": str(p), "name": name, "score": float(s),
-                         "max_pixel": float(full.max()), "width": w, "height": h})
-    with open(out / "scores.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "scores.json").write_text(json.dumps({"class_name": class_name, "image_score":
-                                                 model.config.image_score, "images": rows}, indent=2))
-    return rows
+    rows: list[dict] = []
+    lo, hi = np.inf, -np.inf
+    complete = False
+    try:
+        with open(out / "scores.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch",
+                              disable=not paths):
+                chunk, originals = [], []
+                for p in paths[start : start + batch_size]:
+                    try:
+                        originals.append(decode_image(p.read_bytes(), str(p)))
+                        chunk.append(p)
+                    except (DataError, OSError) as e:
+                        skipped.append({"image": str(p), "error": str(e)})
+                if not chunk:
+                    continue
+                batch = np.stack([preprocess_image(im, image_size, cfg.pixel_mean, cfg.pixel_std)
+                                  for im in originals])
+                # Pad to a full batch so every call has the same shape (one compilation).
+                if len(chunk) < batch_size:
+                    batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(chunk), 0)])
+                maps, scores = model.predict(batch, class_name,
+                                             text_be2=jnp.repeat(jnp.asarray(text), batch_size, 0))
+                maps = np.asarray(maps, np.float32)[: len(chunk)]
+                scores = np.asarray(scores)[: len(chunk)]
+                batch_rows = []
+                for p, im, m, s in zip(chunk, originals, maps, scores, strict=True):
+                    w, h = im.size
+                    name = names[p]
+                    full = resize_map(m, h, w)
+                    if save_maps:
+                        np.save(out / "maps" / f"{name}.npy", full)
+                    row = {"image": str(p), "name": name, "score": float(s),
+                           "max_pixel": float(full.max()), "width": w, "height": h}
+                    if scale == "fixed":
+                        _draw(out, im, full, row, class_name, (0.0, 1.0))
+                    else:
+                        np.save(pending / f"{name}.npy", m)
+                    lo, hi = min(lo, float(m.min())), max(hi, float(m.max()))
+                    batch_rows.append(row)
+                writer.writerows(batch_rows)
+                f.flush()
+                rows += batch_rows
+        complete = True
+    finally:  # also after a crash or Ctrl-C: draw and index every finished map
+        used = (0.0, 1.0) if scale == "fixed" or not rows else (lo, hi)
+        if scale == "run":
+            for row in rows:
+                m = np.load(pending / f"{row['name']}.npy")
+                im = decode_image(Path(row["image"]).read_bytes(), row["image"])
+                _draw(out, im, resize_map(m, row["height"], row["width"]), row, class_name, used)
+            shutil.rmtree(pending, ignore_errors=True)
+        (out / "scores.json").write_text(json.dumps({
+            "class_name": class_name, "image_score": model.config.image_score,
+            "scale": {"mode": scale, "min": used[0], "max": used[1]}, "complete": complete,
+            "images": rows, "skipped": skipped}, indent=2) + "\n")
+    if not rows:
+        first = skipped[0] if skipped else {"image": "-", "error": "no input"}
+        raise DataError(f"none of the {len(skipped)} input(s) could be read (first: {first['image']}: "
+                        f"{first['error']}); see {out / 'scores.json'}")
+    return Prediction(rows, skipped, used)
+
+
+def _draw(out: Path, image, full_map: np.ndarray, row: dict, class_name: str,
+          scale: tuple[float, float]) -> None:
+    plots.overlay(np.asarray(image), full_map, scale=scale, score=row["score"],
+                  caption=f"{row['name']} ({class_name})").save(out / "heatmaps" / f"{row['name']}.png")
 
 
 def _unique_names(paths: list[Path]) -> dict[Path, str]:

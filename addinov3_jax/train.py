@@ -49,6 +49,10 @@ class TrainingInterrupted(RuntimeError):
     """Ctrl-C during training; the message says where and how to resume."""
 
 
+class WorkdirBusy(RuntimeError):
+    """Another `train` holds the workdir's lock."""
+
+
 @flax.struct.dataclass
 class TrainState:
     """All the training state: the adapter kernels, the optimizer state and the step."""
@@ -224,7 +228,7 @@ class WorkdirLock:
                 if owner.get("host") == me["host"] and not _alive(owner.get("pid", -1)):
                     self.path.unlink(missing_ok=True)  # stale: its process is gone
                     continue
-                raise RuntimeError(
+                raise WorkdirBusy(
                     f"{self.path.parent}: another `addinov3 train` (pid {owner.get('pid', '?')} on "
                     f"{owner.get('host', '?')}) is using this workdir; wait for it to finish, or "
                     f"delete {self.path} if that process is gone") from None

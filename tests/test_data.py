@@ -167,6 +167,18 @@ def test_preprocess_matches_official_transform(syn):
     m = np.asarray(Image.open(r.mask_path).convert("L").resize((48, 40), Image.BILINEAR)) / 255 > 0.5
     np.testing.assert_array_equal(ex["mask"], m.astype(np.float32))
     assert ex["image"].shape == (40, 48, 3) and ex["label"] == 1
+    # The backbone's statistics (e.g. the SAT-493M weights') are what the pipeline applies.
+    from addinov3_jax import dinov3
+
+    sat = dinov3.VARIANTS["vitl16_sat493m"]
+    assert sat.pixel_mean != dinov3.IMAGENET_MEAN
+    ex_sat = pipeline.Preprocess(size=(40, 48), mean=sat.pixel_mean, std=sat.pixel_std)(
+        pipeline.record_to_example(r))
+    expected = (np.asarray(pil, np.float32) / 255 - sat.pixel_mean) / sat.pixel_std
+    np.testing.assert_allclose(ex_sat["image"], expected, atol=1e-6)
+    np.testing.assert_array_equal(
+        pipeline.preprocess_image(Image.open(r.image_path), (40, 48), sat.pixel_mean, sat.pixel_std),
+        ex_sat["image"])
 
 
 def test_train_iterator_resume_and_epochs(syn):
@@ -304,7 +316,7 @@ def test_data_cli(tmp_path, capsys):
     assert "washer" in capsys.readouterr().out
     assert main(["data", "make-meta", "synthetic", "--root", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "meta.json").is_file()
-    assert main(["data", "inspect", "mvtec", "--root", str(tmp_path / "missing")]) == 1
+    assert main(["data", "inspect", "mvtec", "--root", str(tmp_path / "missing")]) == 2
 
 
 def test_worker_prefetch_gives_the_same_batches(syn):
@@ -316,3 +328,65 @@ def test_worker_prefetch_gives_the_same_batches(syn):
     assert len(plain) == len(workers) == N_SYN // 8
     for a, b in zip(plain, workers, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _visa_root(tmp_path, label):
+    img(tmp_path / "candle/Data/Images/Anomaly/000.JPG", fmt="JPEG")
+    img(tmp_path / "candle/Data/Masks/Anomaly/000.png", mode="L")
+    (tmp_path / "split_csv").mkdir()
+    (tmp_path / "split_csv" / "1cls.csv").write_text(
+        "object,split,label,image,mask\n"
+        f"candle,test,{label},candle/Data/Images/Anomaly/000.JPG,candle/Data/Masks/Anomaly/000.png\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("label,fragment", [
+    ("Anomaly", r"1cls.csv: row 2 \(candle/Data/Images/Anomaly/000.JPG\): label 'Anomaly'"),
+    ("anomalous", "label 'anomalous' is neither 'normal' nor 'anomaly'"),
+    ("", "label '' is neither"),
+])
+def test_visa_unknown_label_is_refused(tmp_path, label, fragment):
+    with pytest.raises(DataError, match=fragment):
+        readers.read("visa", _visa_root(tmp_path, label))
+
+
+def _mask_png(path, arr):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)  # mode from the dtype: bool -> "1", uint16 -> "I;16"
+    return path.read_bytes()
+
+
+def _square(value, dtype=np.uint8):
+    arr = np.zeros((16, 16), dtype)
+    arr[4:12, 4:12] = value
+    return arr
+
+
+@pytest.mark.parametrize("name,arr", [
+    ("0_255", _square(255)),
+    ("0_1", _square(1)),  # stored as 0/1: would vanish under > 0.5 on the 0-255 scale
+    ("labels_0_3", np.where(_square(1) > 0, np.arange(16)[None] % 3 + 1, 0).astype(np.uint8)),
+    ("one_bit", _square(1).astype(bool)),
+    ("uint16_0_1", _square(1, np.uint16)),
+    ("rgb_0_1", np.repeat(_square(1)[..., None], 3, -1)),
+])
+def test_mask_encodings_never_vanish(tmp_path, name, arr):
+    from addinov3_jax.data.records import decode_mask
+
+    m = decode_mask(_mask_png(tmp_path / f"{name}.png", arr), name)
+    expected = np.zeros((16, 16), np.float32)
+    expected[4:12, 4:12] = 1
+    np.testing.assert_array_equal(pipeline.preprocess_mask(m, 16, 0.5), expected)
+    assert pipeline.preprocess_mask(None, (4, 6)).shape == (4, 6)
+
+
+@pytest.mark.parametrize("name,arr,fragment", [
+    ("grey_ramp", (np.arange(256, dtype=np.uint8).reshape(16, 16) // 4),
+     "grey_ramp: mask values go from 0 to 63 in 64 grey levels, so no pixel reaches the 0.5"),
+])
+def test_ambiguous_masks_are_refused(tmp_path, name, arr, fragment):
+    from addinov3_jax.data.records import decode_mask
+
+    with pytest.raises(DataError, match=fragment):
+        decode_mask(_mask_png(tmp_path / f"{name}.png", arr), name)

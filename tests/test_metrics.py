@@ -30,6 +30,52 @@ def test_matches_sklearn_with_ties(seed):
     assert metrics.auroc(y.reshape(50, 100), s.reshape(50, 100)) == got["auroc"]
 
 
+@pytest.mark.parametrize("backend", ["numpy", "jax"])
+def test_signed_zeros_are_one_threshold(backend):
+    """-0.0 and +0.0 are equal scores: one threshold, as in scikit-learn."""
+    rng = np.random.default_rng(0)
+    n = 3000
+    y = (rng.random(n) < 0.3).astype(int)
+    s = np.round(rng.normal(size=n) * 0.3 + 0.2 * y, 1).astype(np.float32)
+    s[s == 0] = 0.0  # rounding made some -0.0: start from +0.0 only, then sign 42 of them
+    zeros = np.flatnonzero(s == 0)
+    s[zeros[:42]] = -0.0
+    assert np.signbit(s[zeros]).sum() == 42
+    got = metrics.classification_metrics(y, s, backend=backend)
+    assert abs(got["auroc"] - roc_auc_score(y, s)) < 1e-9
+    assert abs(got["ap"] - average_precision_score(y, s)) < 1e-9
+    assert abs(got["f1_max"] - sk_f1_max(y, s)) < 1e-9
+    masks = y.reshape(3, 25, 40)
+    plus = np.where(s == 0, np.float32(0), s)
+    pos_zero = metrics.pixel_metrics(masks, plus.reshape(masks.shape), backend=backend)
+    assert metrics.pixel_metrics(masks, s.reshape(masks.shape), backend=backend) == pos_zero
+
+
+def test_curves_are_the_points_the_metrics_integrate():
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(5)
+    masks = np.zeros((3, 20, 20), bool)
+    masks[0, 2:8, 2:8] = masks[1, 10:14, 3:19] = True
+    maps = np.round(rng.random(masks.shape) + 0.4 * masks, 2).astype(np.float32)
+    c = metrics.pixel_curves(masks, maps)
+    assert c.metrics() == metrics.pixel_metrics(masks, maps, backend="numpy")
+    assert np.all(np.diff(c.thresholds) < 0) and set(c.thresholds) == set(maps.reshape(-1))
+    fpr, tpr = c.roc()
+    sk_fpr, sk_tpr, _ = roc_curve(masks.reshape(-1), maps.reshape(-1), drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr, atol=1e-12)
+    np.testing.assert_allclose(tpr, sk_tpr, atol=1e-12)
+    x, y = c.pro_curve(0.3)
+    assert x[0] == 0 and x[-1] == pytest.approx(0.3) and np.all(np.diff(x) >= 0)
+    assert np.trapezoid(y, x) / 0.3 == pytest.approx(metrics.aupro(masks, maps), abs=1e-12)
+    labels = np.array([0, 1, 1, 0, 1])
+    scores = np.array([0.1, 0.8, 0.3, 0.3, -0.0])
+    ci = metrics.curves(labels, scores)
+    assert ci.pro is None and ci.metrics() == metrics.classification_metrics(labels, scores)
+    recall, precision = ci.pr()
+    assert recall[-1] == 1.0 and precision[0] == 1.0
+
+
 def test_reference_vectors():
     y = [0, 0, 1, 1, 0, 1, 0, 0]
     s = [0.1, 0.4, 0.35, 0.8, 0.4, 0.4, 0.2, 0.05]

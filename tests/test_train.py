@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -119,7 +118,8 @@ def test_kill_and_resume_equals_uninterrupted(data, tmp_path):
     a, b = final_params(tmp_path / "full"), final_params(tmp_path / "killed")
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # bitwise
-    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    rows = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in rows]
     assert steps == list(range(1, 13)), steps  # rows 5 (after the kept checkpoint) not repeated
     again = subprocess.run(_train_cmd(data, tmp_path / "killed", 6), env=env, capture_output=True,
                            text=True, timeout=600)
@@ -238,12 +238,14 @@ def optax_adamw():
 
 
 def test_lock_finished_and_unwritable(data, tmp_path):
+    import socket
+
     work = tmp_path / "w"
     work.mkdir()
-    (work / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": __import__("socket").gethostname()}))
+    (work / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     with pytest.raises(RuntimeError, match=f"pid {os.getpid()}"):
         train.train(tiny_config(data), work)
-    (work / ".lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": __import__("socket").gethostname()}))
+    (work / ".lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))
     train.train(tiny_config(data, epochs=1), work)  # a stale lock is taken over
     assert not (work / ".lock").exists()
     ro = tmp_path / "ro"

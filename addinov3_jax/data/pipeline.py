@@ -2,8 +2,9 @@
 
 Both sources yield the same dicts (original file bytes + metadata), decoded and preprocessed by
 the same code, so they give identical pixels. Preprocessing follows the official code: PIL
-bilinear resize to 512x512, [0, 1], ImageNet normalisation; masks resized the same way and
-binarised (> 0.5, VisA > 0).
+bilinear resize to 512x512, [0, 1], normalisation with the backbone's pixel mean / std (ImageNet
+for the LVD-1689M weights); masks resized the same way and binarised (> 0.5, VisA > 0). The one
+implementation is `preprocess_image` / `preprocess_mask`, also used by `predict`.
 
 * `train_dataset`: seeded shuffle that changes every epoch, per-process sharding, batching with
   full batches only, optional worker prefetch; its iterator is checkpointable
@@ -25,6 +26,33 @@ from addinov3_jax.data.records import DataError, Record, decode_image, decode_ma
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def preprocess_image(image: Image.Image, size: tuple[int, int] | int, mean=IMAGENET_MEAN,
+                     std=IMAGENET_STD) -> np.ndarray:
+    """The network input for one decoded RGB image: PIL bilinear resize to `size` ((H, W) or an
+    int), [0, 1], `(x - mean) / std` per channel -> float32 (H, W, 3).
+
+    The one implementation used by the grain pipelines, `predict` and anything else that feeds
+    the backbone; pass the backbone's `config.pixel_mean` / `pixel_std` (ImageNet statistics for
+    the LVD-1689M weights, other values for the SAT-493M ones)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    x = np.asarray(image.resize((w, h), Image.BILINEAR), np.float32) / 255.0
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def preprocess_mask(mask: Image.Image | None, size: tuple[int, int] | int,
+                    threshold: float = 0.5) -> np.ndarray:
+    """The ground truth for one decoded mask (`records.decode_mask`, 0 / 255): PIL bilinear
+    resize to `size`, binarised at `value / 255 > threshold` -> float32 (H, W) of 0 / 1;
+    all zeros for None (a normal image)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if mask is None:
+        return np.zeros((h, w), np.float32)
+    m = np.asarray(mask.resize((w, h), Image.BILINEAR), np.float32) / 255.0
+    return (m > threshold).astype(np.float32)
 
 
 class RecordSource(grain.sources.RandomAccessDataSource):
@@ -62,7 +90,10 @@ def _text(v) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-    """Decodes and preprocesses one example; `classes` maps object words to `class_id`."""
+    """Decodes and preprocesses one example; `classes` maps object words to `class_id`.
+
+    `mean` / `std` are the backbone's pixel statistics (`dinov3.Config.pixel_mean` / `pixel_std`;
+    ImageNet by default)."""
 
     size: tuple[int, int] = (512, 512)
     mask_threshold: float = 0.5
@@ -75,16 +106,10 @@ class Preprocess:
         return object_word(self.class_name_source, _text(ex["class_name"]), _text(ex["object_word_path"]))
 
     def __call__(self, ex: dict) -> dict:
-        h, w = self.size
         what = _text(ex["image_path"])
-        img = decode_image(bytes(ex["image"]), what).resize((w, h), Image.BILINEAR)
-        image = (np.asarray(img, np.float32) / 255.0 - np.asarray(self.mean, np.float32)) / np.asarray(
-            self.std, np.float32)
-        if len(ex["mask"]):
-            m = decode_mask(bytes(ex["mask"]), what + " (mask)").resize((w, h), Image.BILINEAR)
-            mask = (np.asarray(m, np.float32) / 255.0 > self.mask_threshold).astype(np.float32)
-        else:
-            mask = np.zeros((h, w), np.float32)
+        image = preprocess_image(decode_image(bytes(ex["image"]), what), self.size, self.mean, self.std)
+        m = decode_mask(bytes(ex["mask"]), what + " (mask)") if len(ex["mask"]) else None
+        mask = preprocess_mask(m, self.size, self.mask_threshold)
         word = self.word(ex)
         if self.classes and word not in self.classes:
             raise DataError(f"{what}: class {word!r} is not among the pipeline's classes {self.classes}")

@@ -123,10 +123,14 @@ def read_visa(root: Path, spec: DatasetSpec, classes, split, report, policy) -> 
     need = {"object", "split", "label", "image", "mask"}
     if not rows or not need <= set(rows[0]):
         raise DataError(f"{csv_path}: expected the columns {sorted(need)}")
-    for row in rows:
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        label = (row["label"] or "").strip()
+        if label not in ("normal", "anomaly"):
+            raise DataError(f"{csv_path}: row {line} ({row['image']}): label {row['label']!r} is "
+                            "neither 'normal' nor 'anomaly'; fix the file (a row is never guessed)")
         if row["split"] != split or row["object"] not in classes:
             continue
-        anomalous = row["label"] == "anomaly"
+        anomalous = label == "anomaly"
         mask = row["mask"].strip() if anomalous else ""
         if anomalous and not mask:
             report.add(str(root / row["image"]), "anomalous row without a mask in 1cls.csv", policy)

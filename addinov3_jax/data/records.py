@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# An 8-bit mask below 128 with at most this many distinct values is read as labels (non-zero = anomalous).
+MAX_LABEL_LEVELS = 16
 
 
 class DataError(ValueError):
@@ -105,15 +107,33 @@ def decode_image(data: bytes, what: str = "image") -> Image.Image:
 def decode_mask(data: bytes, what: str = "mask") -> Image.Image:
     """8-bit 'L' mask (0 = normal, 255 = anomalous) from file bytes.
 
-    1-bit and 8-bit grayscale are kept as is; palette, 16-bit and 32-bit masks count any non-zero
-    value as anomalous (VisA stores small label values); RGB(A) masks are converted to grayscale.
+    The pipelines binarise the mask at a threshold on the 0-255 scale (0.5 -> 128), so a mask that
+    uses another encoding would silently vanish (shared/reference/datasets.md, pitfall 2). Here:
+    * 1-bit masks, 8-bit 0/255 masks and 8-bit masks with values >= 128 (anti-aliased or JPEG
+      masks) are kept as they are;
+    * 8-bit label masks whose maximum is below 128 (0/1, or a few small label values as VisA
+      stores them) are converted: any non-zero value is anomalous (255);
+    * 8-bit masks below 128 with many grey levels (not labels, not 0/255) are refused: no pixel
+      would pass the threshold and there is no safe reading of them;
+    * palette, 16-bit and 32-bit masks count any non-zero value as anomalous; RGB(A) masks are
+      converted to grayscale and checked like 8-bit ones.
     """
     img = _open(data, what)
-    if img.mode in ("1", "L"):
+    if img.mode == "1":
         return img.convert("L")
     if img.mode in ("P", "I;16", "I;16B", "I;16L", "I", "F"):
         return Image.fromarray((np.asarray(img) != 0).astype(np.uint8) * 255, "L")
-    return img.convert("L")
+    img = img.convert("L")
+    arr = np.asarray(img)
+    top = int(arr.max()) if arr.size else 0
+    if top == 0 or top >= 128:
+        return img
+    levels = np.flatnonzero(np.bincount(arr.reshape(-1), minlength=256))
+    if len(levels) <= MAX_LABEL_LEVELS:  # a label mask (0/1, 0..k): non-zero = anomalous
+        return Image.fromarray((arr != 0).astype(np.uint8) * 255, "L")
+    raise DataError(f"{what}: mask values go from 0 to {top} in {len(levels)} grey levels, so no "
+                    "pixel reaches the 0.5 threshold (128 of 255); store masks as 0/255 "
+                    "(or 0/1 labels)")
 
 
 def _verified_size(path: str) -> tuple[int, int]:

@@ -11,12 +11,15 @@ readers' order (shuffling disabled) so evaluation order is stable.
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from addinov3_jax.data import readers
 from addinov3_jax.data.pipeline import record_to_example
+from addinov3_jax.data.records import DataError
 
 TEXT_FIELDS = ("image", "mask", "class_folder", "class_name", "defect", "image_path", "object_word_path")
 
@@ -70,13 +73,31 @@ BUILDERS: dict[str, type] = {
 
 
 def build(name: str, manual_dir, data_dir, *, on_bad_sample: str = "error"):
-    """Builds the ArrayRecord files; returns the builder (use `.as_data_source()[split]`)."""
+    """Builds the ArrayRecord files; returns the builder (use `.as_data_source()[split]`).
+
+    A missing or empty `manual_dir` is refused before anything is written; when the build fails,
+    whatever it created under `data_dir` is removed (no half-built dataset folder is left)."""
     if name not in BUILDERS:
-        raise ValueError(f"no TFDS builder for {name!r}; known: {', '.join(BUILDERS)}")
-    builder = BUILDERS[name](data_dir=os.fspath(data_dir), file_format="array_record")
-    builder.on_bad_sample = on_bad_sample
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
+        raise DataError(f"no TFDS builder for {name!r}; known: {', '.join(BUILDERS)}")
+    manual = Path(manual_dir).expanduser()
+    if not manual.is_dir() or not any(manual.iterdir()):
+        raise DataError(f"{manual}: the manual dir (the raw {name} dataset root) "
+                        f"{'is empty' if manual.is_dir() else 'does not exist'}")
+    data_dir = Path(data_dir).expanduser()
+    existed = data_dir.exists()
+    before = set(data_dir.iterdir()) if existed else set()
+    try:
+        builder = BUILDERS[name](data_dir=os.fspath(data_dir), file_format="array_record")
+        builder.on_bad_sample = on_bad_sample
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual)))
+    except BaseException:
+        if not existed:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        elif data_dir.is_dir():
+            for entry in set(data_dir.iterdir()) - before:
+                shutil.rmtree(entry, ignore_errors=True)
+        raise
     return builder
 
 

@@ -61,30 +61,23 @@ def params_to_official(params: dict[str, np.ndarray]) -> dict[str, dict[str, np.
 def load_official(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
     from addinov3_jax.weight_conversion import common
 
-    try:
-        import torch
-    except ImportError as e:
-        raise CheckpointError(f"{path}: reading .pth needs torch: pip install 'addinov3-jax[convert]'") from e
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+    obj = common.torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of three state dicts")
     return {k: common.unwrap(v, f"{path}:{k}") for k, v in obj.items() if isinstance(v, dict)}
 
 
 def write(directory, params: dict[str, np.ndarray], head, *, source_format: str,
-          extra: dict[str, Any] | None = None) -> Path:
+          extra: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
     head = head.to_dict() if hasattr(head, "to_dict") else dict(head)
     meta = {"architecture": ARCHITECTURE, "variant": "addinov3",
             "head": head, "source_format": source_format,
             "visual_dim": int(params["patch"].shape[1]), "text_dim": int(params["patch"].shape[2]),
             "param_count": int(sum(v.size for v in params.values())), **(extra or {})}
-    return checkpoint_io.write(directory, params, meta)
+    return checkpoint_io.write(directory, params, meta, overwrite=overwrite)
 
 
-def convert(source, output, *, feature_layers=(5, 11, 17, 23)) -> dict[str, Any]:
+def convert(source, output, *, feature_layers=(5, 11, 17, 23), overwrite: bool = False) -> dict[str, Any]:
     """`addinov3 convert adapters`: official `.pth` -> adapters directory.
 
     The head metadata records the official behaviour these weights were trained with:
@@ -93,6 +86,7 @@ def convert(source, output, *, feature_layers=(5, 11, 17, 23)) -> dict[str, Any]
     from addinov3_jax.model import HeadConfig
     from addinov3_jax.weight_conversion import common
 
+    checkpoint_io.check_output(output, overwrite=overwrite)
     params = official_to_params(load_official(source), source=str(source))
     if len(feature_layers) != params["patch"].shape[0]:
         raise CheckpointError(f"{source}: {params['patch'].shape[0]} patch adapters but "
@@ -100,7 +94,7 @@ def convert(source, output, *, feature_layers=(5, 11, 17, 23)) -> dict[str, Any]
     head = HeadConfig(feature_layers=tuple(feature_layers), text_layout="interleave")
     write(output, params, head, source_format="official", extra={
         "source_path": str(source), "source_sha256": common.source_digest(source),
-        "class_name_source": "path"})
+        "class_name_source": "path"}, overwrite=overwrite)
     return checkpoint_io.read(output, ARCHITECTURE)[1]
 
 

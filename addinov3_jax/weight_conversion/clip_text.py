@@ -200,7 +200,10 @@ def _tokenizer_files(path: Path, vocab: str | None) -> dict[str, bytes]:
 
 def convert_source(path, *, variant: str | None = None, activation: str | None = None,
                    num_heads: int | None = None):
-    path = Path(path)
+    """Reads an OpenAI / OpenCLIP file, an HF directory (or `hf://ORG/REPO`) or a `.safetensors`
+    file: (config, params, metadata)."""
+    source = os.fspath(path)
+    path = common.resolve_source(path)
     sd, hf_cfg, container = common.load_any(path)
     if any(k.removeprefix("text_model.").startswith("encoder.layers.") for k in sd):
         source_format = "huggingface"
@@ -213,7 +216,8 @@ def convert_source(path, *, variant: str | None = None, activation: str | None =
         default_act = "gelu"  # what AD-DINOv3 runs these weights with
         sd = text_keys_openai(sd)
     act = activation or default_act
-    name, cfg = infer_config(sd, activation=act, num_heads=num_heads, hint=path.name)
+    name, cfg = infer_config(sd, activation=act, num_heads=num_heads,
+                             hint=Path(source.removeprefix(common.HF_PREFIX)).name)
     if variant is not None:
         from addinov3_jax.clip_text import get_config
 
@@ -222,20 +226,31 @@ def convert_source(path, *, variant: str | None = None, activation: str | None =
     metadata = {
         "architecture": ARCHITECTURE, "variant": name, "config": cfg.to_dict(),
         "source_format": source_format, "source_container": container,
-        "source_path": str(path), "source_sha256": common.source_digest(path),
+        "source_path": source, "source_sha256": common.source_digest(path),
         "param_count": int(sum(v.size for v in params.values())), "activation": act,
     }
     return cfg, params, metadata
 
 
-def convert(source, output, *, variant: str | None = None, activation: str | None = None,
-            vocab: str | None = None, num_heads: int | None = None) -> dict[str, Any]:
-    """`addinov3 convert clip-text`: writes a converted directory (weights + tokenizer files)."""
+def convert_with_tokenizer(source, *, variant: str | None = None, activation: str | None = None,
+                           vocab: str | None = None, num_heads: int | None = None):
+    """`convert_source` plus the tokenizer files to store beside the weights:
+    (config, params, metadata, {file name: bytes})."""
     cfg, params, meta = convert_source(source, variant=variant, activation=activation,
                                        num_heads=num_heads)
-    files = _tokenizer_files(Path(source), vocab)
+    files = _tokenizer_files(common.resolve_source(source), vocab)  # memoized: no second fetch
     meta["tokenizer_files"] = sorted(files)
-    checkpoint_io.write(output, params, meta, extra_files=files)
+    return cfg, params, meta, files
+
+
+def convert(source, output, *, variant: str | None = None, activation: str | None = None,
+            vocab: str | None = None, num_heads: int | None = None,
+            overwrite: bool = False) -> dict[str, Any]:
+    """`addinov3 convert clip-text`: writes a converted directory (weights + tokenizer files)."""
+    checkpoint_io.check_output(output, overwrite=overwrite)
+    cfg, params, meta, files = convert_with_tokenizer(source, variant=variant, activation=activation,
+                                                      vocab=vocab, num_heads=num_heads)
+    checkpoint_io.write(output, params, meta, extra_files=files, overwrite=overwrite)
     return meta
 
 

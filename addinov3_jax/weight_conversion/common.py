@@ -1,11 +1,14 @@
 """Reading source checkpoints into `{key: float32 numpy array}` dicts.
 
 This is the only place that imports torch (lazily, for `.pth` / `.pt` / `.bin` files); safetensors
-files and Hugging Face directories are read without it.
+files and Hugging Face directories are read without it. `hf://ORG/REPO[@REVISION]` sources are
+fetched into the Hugging Face cache with `huggingface_hub.snapshot_download` (which honours
+`HF_HOME`, `HF_HUB_CACHE`, `HF_TOKEN` and `HF_HUB_OFFLINE`) and read from there.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -33,8 +36,19 @@ def _to_numpy(value: Any) -> np.ndarray | None:
     return None
 
 
-def load_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A PyTorch state dict or TorchScript archive as numpy arrays (needs the `convert` extra)."""
+def _short_reason(e: BaseException) -> str:
+    """The informative part of a torch.load error, without its multi-paragraph boilerplate."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n")[0].strip()
+        return f"unpickling failed: {detail}" if detail else "unpickling failed"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def torch_load(path: str | os.PathLike) -> Any:
+    """`torch.load(weights_only=True)`, falling back to a TorchScript archive (OpenAI CLIP), with
+    one-line errors (needs the `convert` extra)."""
     try:
         import torch
     except ImportError as e:
@@ -44,16 +58,20 @@ def load_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
         ) from e
     path = str(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as first:  # noqa: BLE001 - maybe a TorchScript archive (OpenAI CLIP)
         try:
-            obj = torch.jit.load(path, map_location="cpu").state_dict()
+            return torch.jit.load(path, map_location="cpu").state_dict()
         except Exception:  # noqa: BLE001
             raise CheckpointError(
-                f"{path}: not a readable PyTorch checkpoint ({type(first).__name__}: {first}). "
-                "Is the file truncated? Compare its size / SHA-256 with the download page."
-            ) from first
-    return unwrap(obj, path)
+                f"{path}: not a readable PyTorch checkpoint ({_short_reason(first)}); is it "
+                "truncated or another kind of file? Compare its size / SHA-256 with the download page."
+            ) from None
+
+
+def load_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A PyTorch state dict or TorchScript archive as numpy arrays (needs the `convert` extra)."""
+    return unwrap(torch_load(path), str(path))
 
 
 def unwrap(obj: Any, path: str) -> dict[str, np.ndarray]:
@@ -112,6 +130,48 @@ def load_hf_dir(directory: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     raise CheckpointError(
         f"{directory}: no model.safetensors, sharded index or pytorch_model.bin found"
     )
+
+
+HF_PREFIX = "hf://"
+# What a conversion needs from a hub repository (not the duplicate TF / Flax / ONNX weights).
+HF_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.txt.gz")
+HF_TORCH_PATTERNS = ("pytorch_model*.bin", "open_clip_pytorch_model.bin")
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A local path for `source`: `hf://ORG/REPO[@REVISION]` is fetched from the Hugging Face hub
+    (or found in its cache; offline with HF_HUB_OFFLINE=1); anything else is returned as a Path."""
+    text = os.fspath(source)
+    if not text.startswith(HF_PREFIX):
+        return Path(text)
+    return _fetch(text)
+
+
+@functools.lru_cache(maxsize=16)  # one fetch per repository and process
+def _fetch(text: str) -> Path:
+    repo, _, revision = text[len(HF_PREFIX):].partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise CheckpointError(f"{text}: expected hf://ORG/REPO[@REVISION]")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise CheckpointError(f"{text}: fetching from the hub needs huggingface_hub; install it "
+                              "with `pip install 'addinov3-jax[hub]'`, or download the files and "
+                              "pass their folder") from e
+    try:
+        local = Path(snapshot_download(repo, revision=revision or None, allow_patterns=list(HF_PATTERNS)))
+        if not any(local.glob("*.safetensors")):  # an older repository with torch weights only
+            local = Path(snapshot_download(repo, revision=revision or None,
+                                           allow_patterns=[*HF_PATTERNS, *HF_TORCH_PATTERNS]))
+    except Exception as e:  # noqa: BLE001 - offline, gated, unknown repo, network...
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        hint = (" (HF_HUB_OFFLINE is set and it is not in the cache "
+                f"{os.environ.get('HF_HOME', '~/.cache/huggingface')})" if offline else
+                "; for gated repositories (DINOv3) accept the licence on the hub and set HF_TOKEN")
+        raise CheckpointError(f"{text}: cannot fetch from the Hugging Face hub "
+                              f"({type(e).__name__}: {first}){hint}") from None
+    return local
 
 
 def load_any(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any], str]:

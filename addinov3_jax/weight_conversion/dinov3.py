@@ -294,8 +294,10 @@ class Converted:
 def convert_source(
     path: str | os.PathLike, *, variant: str | None = None, num_heads: int | None = None
 ) -> Converted:
-    """Reads an official `.pth`, an HF directory or a `.safetensors` file into our layout."""
-    path = Path(path)
+    """Reads an official `.pth`, an HF directory (or `hf://ORG/REPO`) or a `.safetensors` file
+    into our layout."""
+    source = os.fspath(path)
+    path = common.resolve_source(path)
     sd, hf_config, container = common.load_any(path)
     if is_hf(sd):
         source_format = "huggingface"
@@ -316,7 +318,8 @@ def convert_source(
 
         name, cfg = variant, get_config(variant)
     else:
-        name, cfg = infer_config(sd, num_heads=num_heads, hf_config=hf_config, hint=path.name)
+        name, cfg = infer_config(sd, num_heads=num_heads, hf_config=hf_config,
+                                 hint=Path(source.removeprefix(common.HF_PREFIX)).name)
     if periods_source == "exact":
         sd["rope_embed.periods"] = exact_periods(cfg.head_dim, cfg.rope_base)
     sd = {k: v for k, v in sd.items() if k not in ("local_cls_norm.weight", "local_cls_norm.bias")
@@ -335,7 +338,7 @@ def convert_source(
         "config": cfg.to_dict(),
         "source_format": source_format,
         "source_container": container,
-        "source_path": str(path),
+        "source_path": source,
         "source_sha256": common.source_digest(path),
         "param_count": int(sum(v.size for k, v in params.items() if k != "rope_periods")),
         "rope_periods_source": periods_source,
@@ -349,10 +352,12 @@ def convert(
     *,
     variant: str | None = None,
     num_heads: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """`addinov3 convert dinov3`: writes a converted directory; returns its metadata."""
+    checkpoint_io.check_output(output, overwrite=overwrite)
     conv = convert_source(source, variant=variant, num_heads=num_heads)
-    checkpoint_io.write(output, conv.params, conv.metadata)
+    checkpoint_io.write(output, conv.params, conv.metadata, overwrite=overwrite)
     return conv.metadata
 
 
