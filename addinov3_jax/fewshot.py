@@ -275,30 +275,33 @@ def _pad_rows(bank_lmd: jax.Array, m: int) -> jax.Array:
 
 
 def nearest_similarity(queries_lqd: jax.Array, bank_lmd: jax.Array, block_size: int = 4096) -> jax.Array:
-    """max_m <q, bank[m]> per layer and query (L, Q): exact, a running max over blocks of rows.
+    """max_m <q, bank[m]> per layer and query (L, Q): exact, a running max over blocks of rows
+    (at most `block_size` columns of similarities live at once).
 
     fp32 banks multiply at HIGHEST precision; bf16 banks in bf16 with fp32 accumulation.
     """
-    n_layers, m, d = bank_lmd.shape
+    m = bank_lmd.shape[1]
     blk = min(block_size, m)
-    n_blocks = -(-m // blk)
-    bank = _pad_rows(bank_lmd, n_blocks * blk).reshape(n_layers, n_blocks, blk, d)
-    q = queries_lqd.astype(bank.dtype)
-    precision = jax.lax.Precision.HIGHEST if bank.dtype == jnp.float32 else None
+    n_full = m // blk
+    q = queries_lqd.astype(bank_lmd.dtype)
+    precision = jax.lax.Precision.HIGHEST if bank_lmd.dtype == jnp.float32 else None
 
     def block_max(b_lkd):
         sims = jnp.einsum("lqd,lkd->lqk", q, b_lkd, precision=precision,
                           preferred_element_type=jnp.float32)
         return sims.max(axis=-1)
 
-    if n_blocks == 1:
-        return block_max(bank[:, 0])
+    # Full blocks are sliced in place (no copy of the bank), the remainder is one static block.
+    best = block_max(bank_lmd[:, :blk])
+    if n_full > 1:
+        def step(i, best):
+            b_lkd = jax.lax.dynamic_slice_in_dim(bank_lmd, i * blk, blk, axis=1)
+            return jnp.maximum(best, block_max(b_lkd))
 
-    def step(best, b_lkd):
-        return jnp.maximum(best, block_max(b_lkd)), None
-
-    init = jnp.full(queries_lqd.shape[:2], -jnp.inf, jnp.float32)
-    return jax.lax.scan(step, init, jnp.moveaxis(bank, 1, 0))[0]
+        best = jax.lax.fori_loop(1, n_full, step, best)
+    if m > n_full * blk:
+        best = jnp.maximum(best, block_max(bank_lmd[:, n_full * blk :]))
+    return best
 
 
 def _sharded_similarity(queries_lqd, bank_lmd, block_size, mesh, axes):
