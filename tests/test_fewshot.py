@@ -247,3 +247,14 @@ def test_bank_is_a_pytree(rng):
     back = jax.tree.unflatten(tree, leaves)
     assert dataclasses.replace(back, features_lmd=None) == dataclasses.replace(bank, features_lmd=None)
     assert bank.nbytes == 3 * 37 * 16 * 4
+
+
+def test_synthetic_train_images_leave_the_test_images_alone(tmp_path):
+    kw = dict(categories=("pill",), size=64, normal=1, per_defect=1)
+    a = synthetic.generate(tmp_path / "a", train_normal=1, **kw)
+    b = synthetic.generate(tmp_path / "b", train_normal=3, **kw)
+    tests = sorted(p.relative_to(a) for p in a.rglob("*.png") if "train" not in p.parts)
+    assert len(tests) == 1 + 3 * 2  # normal, 3 defects, 3 masks
+    assert all((a / p).read_bytes() == (b / p).read_bytes() for p in tests)
+    assert (a / "pill/train/good/000.png").read_bytes() == (b / "pill/train/good/000.png").read_bytes()
+    assert len(list((b / "pill/train/good").iterdir())) == 3
