@@ -13,8 +13,8 @@ The tokens are the backbone's final-LayerNorm outputs of the tapped blocks, *not
 per-image standardisation (which removes what is common to an image, a defect covering many
 patches included). Nearest neighbours are exact: a blocked matmul with a running max over bank
 blocks (memory bounded by `block_size` columns), optionally with the bank sharded over a mesh
-(`shard_map`, then a max across devices). Padding rows are copies of a real row, so they never
-change a maximum.
+(`shard_map`, then a max across devices; the rows are padded to a multiple of the shard count with
+copies of a real row, which never change a maximum).
 
 Fusion with the zero-shot head (`fuse`): both branches are put on [0, 1] by fixed maps, no data
 statistics: the zero-shot map and score are already probabilities; the few-shot ones are
@@ -312,7 +312,6 @@ def _sharded_similarity(queries_lqd, bank_lmd, block_size, mesh, axes):
                          out_specs=PartitionSpec(), check_vma=False)(queries_lqd, bank_lmd)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "mesh", "axes"))
 def patch_scores(bank: MemoryBank, normed_patches_lbnd: jax.Array, *, block_size: int = 4096,
                  mesh: Mesh | None = None, axes: tuple[str, ...] | None = None) -> jax.Array:
     """Patch anomaly scores (B, N): 1 - max cosine similarity to the bank, averaged over layers.
@@ -320,16 +319,27 @@ def patch_scores(bank: MemoryBank, normed_patches_lbnd: jax.Array, *, block_size
     `normed_patches_lbnd` are unit-norm test features (`features`), layers in the bank's order.
     With `mesh`, the bank must come from `shard_bank(bank, mesh, axes)`.
     """
-    n_layers, b, n, d = normed_patches_lbnd.shape
-    if (n_layers, d) != (bank.features_lmd.shape[0], bank.features_lmd.shape[2]):
-        raise ValueError(f"test features have {n_layers} layers of dim {d}; the bank "
-                         f"{bank.features_lmd.shape[0]} of dim {bank.features_lmd.shape[2]}")
-    q = normed_patches_lbnd.reshape(n_layers, b * n, d)
+    _check(bank, normed_patches_lbnd)
+    return _patch_scores(bank.features_lmd, normed_patches_lbnd, block_size, mesh, axes)
+
+
+def _check(bank: MemoryBank, patches_lbnd) -> None:
+    (n_layers, _, _, d), (bl, _, bd) = patches_lbnd.shape, bank.features_lmd.shape
+    if (n_layers, d) != (bl, bd):
+        raise ValueError(f"test features have {n_layers} layers of dim {d}; the bank {bl} of dim "
+                         f"{bd} (build both with the same backbone and feature_layers)")
+
+
+# Jitted on the bank's array only, so banks of other classes / seeds of the same size reuse it.
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _patch_scores(bank_lmd, patches_lbnd, block_size, mesh, axes):
+    n_layers, b, n, d = patches_lbnd.shape
+    q = patches_lbnd.reshape(n_layers, b * n, d)
     if mesh is None:
-        sims = nearest_similarity(q, bank.features_lmd, block_size)
+        sims = nearest_similarity(q, bank_lmd, block_size)
     else:
         axes = tuple(mesh.axis_names) if axes is None else axes
-        sims = _sharded_similarity(q, bank.features_lmd, block_size, mesh, axes)
+        sims = _sharded_similarity(q, bank_lmd, block_size, mesh, axes)
     return (1.0 - sims).mean(axis=0).reshape(b, n)
 
 
@@ -355,7 +365,14 @@ def predict(bank: MemoryBank, normed_patches_lbnd: jax.Array, grid: tuple[int, i
             out_size: tuple[int, int], config: FewShotConfig = FewShotConfig(), *,
             mesh: Mesh | None = None, axes: tuple[str, ...] | None = None):
     """Few-shot maps (B, H, W) and image scores (B,), on the scale of 1 - cosine ([0, 2])."""
-    s = patch_scores(bank, normed_patches_lbnd, block_size=config.block_size, mesh=mesh, axes=axes)
+    _check(bank, normed_patches_lbnd)
+    return _predict(bank.features_lmd, normed_patches_lbnd, tuple(grid), tuple(out_size), config,
+                    mesh, axes)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _predict(bank_lmd, patches_lbnd, grid, out_size, config, mesh, axes):
+    s = _patch_scores(bank_lmd, patches_lbnd, config.block_size, mesh, axes)
     return (anomaly_maps(s, grid, out_size, config.smoothing_sigma),
             image_scores(s, config.image_score, config.top_fraction))
 

@@ -258,3 +258,12 @@ def test_synthetic_train_images_leave_the_test_images_alone(tmp_path):
     assert all((a / p).read_bytes() == (b / p).read_bytes() for p in tests)
     assert (a / "pill/train/good/000.png").read_bytes() == (b / "pill/train/good/000.png").read_bytes()
     assert len(list((b / "pill/train/good").iterdir())) == 3
+
+
+def test_features_are_final_normed_taps_in_the_given_order(rng):
+    backbone = dinov3.create("tiny", rngs=nnx.Rngs(0))
+    x = jnp.asarray(rng.standard_normal((2, 32, 32, 3)), jnp.float32)
+    got = fewshot.features(backbone, x, (3, 1))
+    taps = backbone.get_intermediate_layers(x, n=(1, 3), norm=True)  # ascending: blocks 1, 3
+    np.testing.assert_allclose(got[0], unit(np.asarray(taps[1])), atol=1e-5)
+    np.testing.assert_allclose(got[1], unit(np.asarray(taps[0])), atol=1e-5)
