@@ -5,6 +5,7 @@ masks: scratches, cracks, holes, stains, missing material, extra material and co
 
     from addinov3_jax.data import synthetic
     synthetic.generate("synthetic_ad")  # 10 categories x (10 normal + 3 defects x 8) test images
+                                        # + 8 train/good images (few-shot references)
 """
 
 from __future__ import annotations
@@ -183,13 +184,18 @@ def generate(
     size: int = 128,
     normal: int = 10,
     per_defect: int = 8,
-    train_normal: int = 2,
+    train_normal: int = 8,
     seed: int = 0,
 ) -> Path:
-    """Writes the dataset under `root` (MVTec layout) and returns it. Same arguments, same bytes."""
+    """Writes the dataset under `root` (MVTec layout) and returns it. Same arguments, same bytes.
+
+    The train/good images (few-shot references) come from their own random stream, so their
+    number never changes the test images.
+    """
     root = Path(root)
     for ci, cat in enumerate(categories):
         rng = np.random.default_rng([seed, ci])
+        train_rng = np.random.default_rng([seed, ci, 1])
 
         def render(rng=rng, cat=cat):
             if cat in TEXTURES:
@@ -197,7 +203,7 @@ def generate(
             return _object(cat, rng, size)
 
         for i in range(train_normal):
-            _save(root / cat / "train" / "good" / f"{i:03d}.png", render()[0])
+            _save(root / cat / "train" / "good" / f"{i:03d}.png", render(train_rng)[0])
         for i in range(normal):
             _save(root / cat / "test" / "good" / f"{i:03d}.png", render()[0])
         for defect in DEFECTS[cat]:
