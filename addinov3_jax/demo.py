@@ -58,9 +58,13 @@ def run(workdir: str = "demo_out", seed: int = 0, *, dinov3: str | None = None,
                             rngs=nnx.Rngs(seed + 2))  # the adapters training started from
 
     print(f"demo: evaluating zero-shot on the held-out {', '.join(cfg.eval.datasets.synthetic.classes)}")
-    r_un = evaluate.run_from_config(cfg, workdir / "untrained", model=untrained)
+    untrained_curves: dict = {}
+    r_un = evaluate.run_from_config(cfg, workdir / "untrained", model=untrained,
+                                    curves_out=untrained_curves)
     shutil.copy(workdir / "untrained" / "results.json", workdir / "results_untrained.json")
-    r_tr = evaluate.run_from_config(cfg, workdir, model=trained)
+    r_tr = evaluate.run_from_config(
+        cfg, workdir, model=trained, curves_name="trained",
+        curves_compare={k: {"untrained": v} for k, v in untrained_curves.items()})
     table = evaluate.markdown(r_tr, r_un, titles=("trained", "untrained"))
     (workdir / "results.md").write_text(
         "# addinov3 demo\n\nZero-shot on held-out synthetic categories; each cell is "

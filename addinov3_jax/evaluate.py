@@ -137,10 +137,16 @@ def mean_metrics(categories: dict[str, dict]) -> dict[str, float]:
 def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.PathLike,
              *, classes: Sequence[str] | None = None, opts: EvalOptions | None = None,
              config: dict | None = None, on_bad_sample: str = "error",
-             results_name: str = "results", mesh=None, rules=sharding.DEFAULT_RULES) -> dict:
+             results_name: str = "results", mesh=None, rules=sharding.DEFAULT_RULES,
+             curves_out: dict | None = None, curves_compare: dict | None = None,
+             curves_name: str = "") -> dict:
     """Evaluates `model` on each `(dataset name, root)` or `(name, root, classes)`, on `mesh`
     (default: `inference.default_mesh(batch_size)`); process 0 writes `{results_name}.json`, `.md`,
-    `heatmaps/` and `curves/` under `out_dir`. Returns the results dict (on every process)."""
+    `heatmaps/` and `curves/` under `out_dir`. Returns the results dict (on every process).
+
+    `curves_out` (a dict) receives each category's curves keyed by (dataset, class);
+    `curves_compare` maps such keys to `{run name: curves}` drawn beside this run (`curves_name`).
+    """
     opts = opts or EvalOptions()
     out_dir = Path(out_dir)
     is_main = jax.process_index() == 0
@@ -180,8 +186,12 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
                 plots.save_heatmaps(out_dir / "heatmaps" / name / cls, recs, maps, masks,
                                     opts.heatmaps_per_category, opts.image_size, scores=scores)
             if opts.curves and has_masks:
-                plots.save_curves(out_dir / "curves" / name / f"{cls}.png", labels, scores, masks,
-                                  maps, title=f"{name} / {cls}")
+                other = (curves_compare or {}).get((name, cls))
+                drawn = plots.save_curves(out_dir / "curves" / name / f"{cls}.png", labels, scores,
+                                          masks, maps, title=f"{name} / {cls}", name=curves_name,
+                                          compare=other)
+                if curves_out is not None:
+                    curves_out[(name, cls)] = drawn
         entry = {"categories": cats, "mean": mean_metrics(cats)}
         if notes:
             entry["notes"] = notes
@@ -223,7 +233,7 @@ def markdown(results: dict, other: dict | None = None, titles=("", "")) -> str:
 
 
 def run_from_config(config, workdir: str | os.PathLike, *, model: ad.ADDinoV3 | None = None,
-                    results_name: str = "results") -> dict:
+                    results_name: str = "results", **curve_options) -> dict:
     """`addinov3 eval`: the final model of `workdir` (or `model`) on `config.eval.datasets`, on
     the config's mesh (multi-host with `config.multihost`)."""
     from addinov3_jax import config as config_lib
@@ -255,7 +265,7 @@ def run_from_config(config, workdir: str | os.PathLike, *, model: ad.ADDinoV3 | 
                        heatmaps_per_category=config.eval.heatmaps_per_category,
                        curves=config.eval.curves, text_cache_dir=str(workdir / "text_cache"))
     return evaluate(model, datasets, workdir, opts=opts, config=json.loads(config.to_json_best_effort()),
-                    results_name=results_name, mesh=mesh, rules=rules)
+                    results_name=results_name, mesh=mesh, rules=rules, **curve_options)
 
 
 def device_summary() -> str:

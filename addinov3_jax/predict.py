@@ -31,13 +31,13 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
 from addinov3_jax import model as ad
 from addinov3_jax import plots
 from addinov3_jax.data.pipeline import preprocess_image
 from addinov3_jax.data.records import IMAGE_SUFFIXES, DataError, decode_image
+from addinov3_jax.inference import Predictor, default_mesh, gather
 
 SCALES = ("run", "fixed")
 CSV_FIELDS = ("image", "name", "score", "max_pixel", "width", "height")
@@ -111,8 +111,11 @@ def resize_map(amap: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def predict(model: ad.ADDinoV3, inputs, class_name: str, output: str | os.PathLike, *,
             image_size: int = 512, batch_size: int = 8, save_maps: bool = False,
-            scale: str = "run", text_cache_dir: str | os.PathLike | None = None) -> Prediction:
+            scale: str = "run", text_cache_dir: str | os.PathLike | None = None,
+            mesh=None) -> Prediction:
     """Maps and scores for `inputs` (files / folders); see the module docstring for the outputs.
+
+    Runs `inference.Predictor` on `mesh` (default: the devices that split `batch_size` evenly).
 
     Raises `DataError` (after writing `scores.json`) when no input could be read.
     """
@@ -129,8 +132,10 @@ def predict(model: ad.ADDinoV3, inputs, class_name: str, output: str | os.PathLi
     if scale == "run":
         pending.mkdir(exist_ok=True)
     cfg = model.backbone.config
+    predictor = Predictor(model, mesh or default_mesh(batch_size))
     # (1, E, 2), once per class (cached on disk); nothing to encode when no input is an image.
-    text = model.text_features([class_name], cache_dir=text_cache_dir) if paths else None
+    table = predictor.text_table([class_name], cache_dir=text_cache_dir) if paths else None
+    class_ids = np.zeros(batch_size, np.int32)
     names = _unique_names(paths)
     rows: list[dict] = []
     lo, hi = np.inf, -np.inf
@@ -155,10 +160,9 @@ def predict(model: ad.ADDinoV3, inputs, class_name: str, output: str | os.PathLi
                 # Pad to a full batch so every call has the same shape (one compilation).
                 if len(chunk) < batch_size:
                     batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(chunk), 0)])
-                maps, scores = model.predict(batch, class_name,
-                                             text_be2=jnp.repeat(jnp.asarray(text), batch_size, 0))
-                maps = np.asarray(maps, np.float32)[: len(chunk)]
-                scores = np.asarray(scores)[: len(chunk)]
+                maps, scores = predictor(batch, class_ids, table)
+                maps = gather(maps).astype(np.float32)[: len(chunk)]
+                scores = gather(scores)[: len(chunk)]
                 batch_rows = []
                 for p, im, m, s in zip(chunk, originals, maps, scores, strict=True):
                     w, h = im.size
