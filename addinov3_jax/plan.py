@@ -89,6 +89,11 @@ def plan(config) -> dict[str, Any]:
     with sharding.use(mesh, rules):
         step_c = step.lower(_with_shardings(abstract_state, state_shardings), frozen, batch).compile()
     feature_mem, step_mem = _memory(feature_c), _memory(step_c)
+    extra = {}
+    if m.backbone in towers.dinov3.VARIANTS:  # random init, materialized sharded (towers.py)
+        create = towers.backbone_init_fn(m, cfg.seed)
+        init_c = jax.jit(lambda: nnx.state(create()), out_shardings=bb_shardings).lower().compile()
+        extra["backbone_init"] = _memory(init_c)
     return {
         "backbone": m.backbone, "image_size": size, "batch_size": b,
         "mesh": {k: int(v) for k, v in mesh.shape.items()}, "devices": int(mesh.size),
@@ -97,7 +102,7 @@ def plan(config) -> dict[str, Any]:
         "train_state_bytes_total": st_total, "train_state_bytes_per_device": st_dev,
         "temp_bytes_per_device": max(feature_mem["temp_bytes_per_device"],
                                      step_mem["temp_bytes_per_device"]),
-        "feature_step": feature_mem, "train_step": step_mem,
+        "feature_step": feature_mem, "train_step": step_mem, **extra,
     }
 
 
@@ -115,7 +120,9 @@ def table(p: dict[str, Any]) -> str:
              f"{_gib(p['frozen_param_bytes_per_device']):>14}",
              f"{'train state (adapters + AdamW)':34}{_gib(p['train_state_bytes_total']):>14}"
              f"{_gib(p['train_state_bytes_per_device']):>14}", ""]
-    for name in ("feature_step", "train_step"):
+    for name in ("feature_step", "train_step", "backbone_init"):
+        if name not in p:
+            continue
         s = p[name]
         lines.append(f"{name:14} per device: arguments {_gib(s['argument_bytes_per_device'])}, "
                      f"outputs {_gib(s['output_bytes_per_device'])}, "

@@ -31,7 +31,8 @@ def _is_variant(name: str, variants) -> bool:
     return name in variants
 
 
-def _backbone_fn(m, seed: int):
+def backbone_init_fn(m, seed: int):
+    """The random-init backbone of a variant name (`create()` builds it)."""
     dtype = jnp.dtype(m.compute_dtype)
     return lambda: dinov3.create(m.backbone, rngs=nnx.Rngs(seed), scan_layers=m.scan_layers,
                                  compute_dtype=dtype)
@@ -61,7 +62,7 @@ def abstract_backbone(m) -> dinov3.DinoV3:
 def backbone(m, mesh, rules, seed: int) -> dinov3.DinoV3:
     """The frozen DINOv3 of `config.model`, sharded by `rules` on `mesh`."""
     if _is_variant(m.backbone, dinov3.VARIANTS):
-        return random_sharded(_backbone_fn(m, seed), mesh, rules)
+        return random_sharded(backbone_init_fn(m, seed), mesh, rules)
     return dinov3.load(m.backbone, scan_layers=m.scan_layers, compute_dtype=m.compute_dtype,
                        mesh=mesh, rules=rules)
 

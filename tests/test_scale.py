@@ -114,6 +114,11 @@ def test_plan_vit7b_fsdp8_splits_the_parameters():
         assert p[step]["temp_bytes_per_device"] > 0
     # The feature step's parameter arguments are the shards, not the whole backbone.
     assert p["feature_step"]["argument_bytes_per_device"] < total / 8 * 1.1
+    # Random init is born sharded: a device's output is its shard, and its peak (output plus the
+    # random-bit temporaries) stays far below one full copy of the backbone.
+    init = p["backbone_init"]
+    assert init["output_bytes_per_device"] <= total / 8 * 1.05
+    assert init["output_bytes_per_device"] + init["temp_bytes_per_device"] < total / 2
     assert "temp_bytes_per_device" in p
 
 
@@ -132,7 +137,7 @@ def test_load_reads_converted_weights_shard_by_shard(model_dir, monkeypatch):
     monkeypatch.setattr(checkpoint_io.Tensors, "read", spy)
     mesh = sharding.make_mesh(1, 8, 1)
     backbone = dinov3.load(str(Path(model_dir) / "backbone"), mesh=mesh, rules=sharding.DEFAULT_RULES)
-    kernel = dict(reads)["blocks.mlp.fc1.kernel"]
+    kernel = {k: n for k, n, _ in reads}["blocks.mlp.fc1.kernel"]
     assert kernel * 8 == int(np.prod(backbone.blocks.mlp.fc1.kernel.shape))
     sliced = [k for k, n, full in reads if n < full]
     assert "blocks.attn.qkv.kernel" in sliced and "patch_kernel" in sliced
