@@ -214,7 +214,8 @@ class ADDinoV3(nnx.Module):
     """Frozen backbone and text tower, trainable `adapters`."""
 
     def __init__(self, backbone: dinov3.DinoV3, text_tower: clip_text.TextTower | None,
-                 config: HeadConfig = HeadConfig(), *, rngs: nnx.Rngs, text_dim: int | None = None):
+                 config: HeadConfig = HeadConfig(), *, rngs: nnx.Rngs | None = None,
+                 text_dim: int | None = None, adapters: Adapters | None = None):
         dinov3.select_blocks(config.feature_layers, backbone.config.depth)  # validates the taps
         if text_tower is None and text_dim is None:
             raise ValueError("give a text tower or the text feature dimension (text_dim)")
@@ -222,8 +223,10 @@ class ADDinoV3(nnx.Module):
         self.backbone = backbone
         self.text_tower = text_tower
         self.text_dim = text_tower.config.embed_dim if text_tower is not None else text_dim
-        self.adapters = Adapters(backbone.config.embed_dim, self.text_dim,
-                                 len(config.feature_layers), rngs=rngs)
+        if adapters is None and rngs is None:
+            raise ValueError("give rngs (new adapters) or trained adapters")
+        self.adapters = adapters or Adapters(backbone.config.embed_dim, self.text_dim,
+                                             len(config.feature_layers), rngs=rngs)
 
     def features(self, images_bhwc: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Frozen features: standardised patches (L, B, N, D) and CLS tokens (L, B, D), fp32."""
@@ -409,11 +412,11 @@ def load(path: str | os.PathLike | None = None, *, backbone=None, text_tower=Non
                                                                              rules=rules)
     tt = text_tower if isinstance(text_tower, clip_text.TextTower) else clip_text.load(
         text_tower, mesh=mesh, rules=rules)
-    model = ADDinoV3(bb, tt, head_cfg, rngs=nnx.Rngs(0))
     from addinov3_jax import checkpoint_io
 
-    checkpoint_io.assign(model.adapters, params, source=str(adapters))
-    if mesh is not None:
-        state = nnx.state(model.adapters)
-        nnx.update(model.adapters, jax.device_put(state, sharding.state_shardings(state, mesh, rules)))
+    shape = nnx.eval_shape(lambda: Adapters(bb.config.embed_dim, tt.config.embed_dim,
+                                            len(head_cfg.feature_layers), rngs=nnx.Rngs(0)))
+    trained = checkpoint_io.materialize(shape, checkpoint_io.Tensors(params), mesh=mesh, rules=rules,
+                                       source=str(adapters))
+    model = ADDinoV3(bb, tt, head_cfg, adapters=trained)
     return model
