@@ -22,7 +22,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.class_name_source = "readable"  # "path" = official quirk ("Data" for VisA); "fixed:WORD"
     c.model.image_score = "global"
     c.model.smoothing_sigma = 0.0
-    c.model.compute_dtype = "float32"
+    c.model.compute_dtype = "float32"  # "bfloat16": bf16 matmuls, fp32 norms / softmax / loss
+    c.model.param_dtype = "float32"  # storage of the frozen towers' parameters
+    c.model.attention_impl = "auto"  # "auto" (cuDNN on GPU for bf16), "xla", "cudnn", "splash"
     c.model.scan_layers = True
 
     c.data = ml_collections.ConfigDict()
@@ -34,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.source = "raw"  # or "tfds" (ArrayRecord built by `addinov3 data build`)
     c.data.tfds_data_dir = ""
     c.data.image_size = 512
-    c.data.worker_count = 0
+    c.data.worker_count = -1  # grain worker processes; -1: from the host's cores, 0: in-process
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 64
