@@ -109,17 +109,34 @@ def attention(
 
     Logits and softmax are computed in fp32 whatever the input dtype; the output has the dtype of
     `v`. `implementation`: None / "auto" (see `attention_backend`), "xla", "cudnn" (GPU, bf16 /
-    fp16 only) or "splash" (the Pallas TPU kernel).
+    fp16 only) or "splash" (the Pallas TPU kernel). "xla" on a CPU host runs the same formula in
+    a heads-major layout (`_attention_heads_major`).
     """
     backend = attention_backend(q, implementation)
     if backend == "splash":
         return _splash_attention(q, k, v, causal=causal)
+    if backend == "xla" and jax.default_backend() == "cpu":
+        return _attention_heads_major(q, k, v, causal=causal)
     if backend == "cudnn" and implementation is None:
         try:  # "auto": a shape cuDNN refuses (raised while tracing) falls back to XLA
             return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
         except (NotImplementedError, ValueError, RuntimeError):
             backend = "xla"
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=backend)
+
+
+def _attention_heads_major(q, k, v, *, causal: bool) -> jax.Array:
+    """XLA attention with heads moved ahead of the tokens first. On CPU the two batched matmuls
+    then run on contiguous (T, head_dim) slices: 2x faster than the (B, T, heads, head_dim)
+    contraction of `jax.nn.dot_product_attention` for ViT-L/16 at 512x512 (bench_cpu_block.py)."""
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, heads, T, head_dim)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits * q.shape[-1] ** -0.5
+    if causal:
+        t = q.shape[2]
+        logits = jnp.where(jnp.tril(jnp.ones((t, t), dtype=bool)), logits, -jnp.inf)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
 
 
 SPLASH_BLOCK = 128
