@@ -53,10 +53,11 @@ def _parity(args: argparse.Namespace) -> int:
         size = tuple(int(s) for s in args.image_size.split(","))
         ok = parity.dinov3(source=args.source, random_variant=args.random,
                            image_size=size if len(size) == 2 else size * 2, seed=args.seed,
-                           batch=args.batch, atol=args.atol)
+                           batch=args.batch, atol=args.atol, dtype=args.dtype)
     else:
         ok = parity.clip_text(source=args.source, random_variant=args.random,
-                              activation=args.activation, seed=args.seed, atol=args.atol)
+                              activation=args.activation, seed=args.seed, atol=args.atol,
+                              dtype=args.dtype)
     return 0 if ok else 1
 
 
@@ -264,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clip-text with --random: activation of both towers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--atol", type=float, default=None, help="tolerance (default per model)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16: also run ours in bf16 and report its error against the "
+                        "reference and against our fp32 (relative L2 per layer)")
     p.set_defaults(run=_parity)
 
     p = sub.add_parser("train", help="train the adapters (configs/<name>.py)",

@@ -69,7 +69,8 @@ def get_config(variant: str, activation: str | None = None) -> Config:
 class Block(nnx.Module):
     """Pre-LN residual attention block; `lead=(depth,)` stacks all blocks."""
 
-    def __init__(self, cfg: Config, lead: tuple[int, ...] = (), *, rngs: nnx.Rngs):
+    def __init__(self, cfg: Config, lead: tuple[int, ...] = (), *, rngs: nnx.Rngs,
+                 attention_impl: str | None = None):
         w = cfg.width
         self.ln_1 = layers.LayerNorm(w, lead, eps=cfg.layer_norm_eps, rngs=rngs)
         self.in_proj = layers.FusedQKV(w, w, lead, rngs=rngs)
@@ -79,12 +80,13 @@ class Block(nnx.Module):
         self.c_proj = layers.Linear(cfg.mlp_dim, w, ("mlp", "embed"), lead, rngs=rngs)
         self.num_heads = cfg.num_heads
         self.activation = cfg.activation
+        self.attention_impl = layers.check_attention_impl(attention_impl)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         b, t, d = x_btd.shape
         qkv = self.in_proj(self.ln_1(x_btd)).reshape(b, t, 3, self.num_heads, d // self.num_heads)
         q, k, v = (sharding.constrain(qkv[:, :, i], ACT_HEADS) for i in range(3))
-        o = layers.attention(q, k, v, causal=True)
+        o = layers.attention(q, k, v, causal=True, implementation=self.attention_impl)
         x_btd = sharding.constrain(
             x_btd + self.out_proj(sharding.constrain(o.reshape(b, t, d), ACT_HIDDEN)),
             ACT_TOKENS)
@@ -93,10 +95,16 @@ class Block(nnx.Module):
 
 
 class TextTower(nnx.Module):
-    """CLIP text transformer. `encode(ids)` -> L2-normalised embeddings (B, embed_dim)."""
+    """CLIP text transformer. `encode(ids)` -> L2-normalised embeddings (B, embed_dim).
+
+    `compute_dtype` runs the blocks (bf16: LayerNorm statistics and softmax stay fp32; pooling,
+    projection and normalisation are fp32); `param_dtype` stores the parameters; `attention_impl`
+    is passed to `layers.attention`.
+    """
 
     def __init__(self, config: Config, *, rngs: nnx.Rngs, scan_layers: bool = True,
-                 compute_dtype: Any = jnp.float32):
+                 compute_dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 attention_impl: str | None = None):
         cfg = config
         self.config = cfg
         self.scan_layers = scan_layers
@@ -105,7 +113,7 @@ class TextTower(nnx.Module):
                                             (cfg.vocab_size, cfg.width), ("vocab", "embed"))
         self.positional_embedding = layers.param(rngs, layers.trunc_normal(0.01),
                                                  (cfg.context_length, cfg.width), (None, "embed"))
-        self.blocks = Block(cfg, (cfg.depth,), rngs=rngs)
+        self.blocks = Block(cfg, (cfg.depth,), rngs=rngs, attention_impl=attention_impl)
         self.ln_final = layers.LayerNorm(cfg.width, (), eps=cfg.layer_norm_eps, rngs=rngs)
         self.text_projection = layers.param(rngs, layers.trunc_normal(cfg.width ** -0.5),
                                             (cfg.width, cfg.embed_dim), ("embed", None))
@@ -113,6 +121,7 @@ class TextTower(nnx.Module):
         # directory holding the tokenizer files that came with the weights (if any).
         self.checkpoint_id: str | None = None
         self.tokenizer_dir: str | None = None
+        layers.cast_params(self, param_dtype)
 
     def __call__(self, ids_bt: jax.Array, *, return_hidden: bool = False) -> dict[str, jax.Array]:
         """Full forward. Returns `pooled` (after ln_final, at EOT), `projected` (unnormalised),
@@ -121,14 +130,14 @@ class TextTower(nnx.Module):
         t = ids_bt.shape[1]
         if t > cfg.context_length:
             raise ValueError(f"token ids have length {t} > context length {cfg.context_length}")
-        x = jnp.take(self.token_embedding[...], ids_bt, axis=0) + self.positional_embedding[:t]
-        x = x.astype(self.compute_dtype)
+        x = (jnp.take(self.token_embedding[...], ids_bt, axis=0).astype(jnp.float32)
+             + self.positional_embedding[:t].astype(jnp.float32)).astype(self.compute_dtype)
         taps = tuple(range(cfg.depth)) if return_hidden else ()
         x, hidden = layers.run_stacked(self.blocks, x, cfg.depth, taps, self.scan_layers)
         x = self.ln_final(x)
         eot = jnp.argmax(ids_bt, axis=-1)  # the first maximum: EOT (49407) is the largest id
         pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0].astype(jnp.float32)
-        projected = pooled @ self.text_projection[...]
+        projected = pooled @ self.text_projection[...].astype(jnp.float32)
         norm = jnp.maximum(jnp.linalg.norm(projected, axis=-1, keepdims=True), 1e-12)
         out = {"pooled": pooled, "projected": projected, "embeddings": projected / norm}
         if return_hidden:
@@ -141,15 +150,18 @@ class TextTower(nnx.Module):
 
 
 def create(variant: str | Config, *, activation: str | None = None, rngs: nnx.Rngs,
-           scan_layers: bool = True, compute_dtype: Any = jnp.float32) -> TextTower:
+           scan_layers: bool = True, compute_dtype: Any = jnp.float32,
+           param_dtype: Any = jnp.float32, attention_impl: str | None = None) -> TextTower:
     """A randomly initialised text tower."""
     cfg = get_config(variant, activation) if isinstance(variant, str) else (
         dataclasses.replace(variant, activation=activation) if activation else variant)
-    return TextTower(cfg, rngs=rngs, scan_layers=scan_layers, compute_dtype=compute_dtype)
+    return TextTower(cfg, rngs=rngs, scan_layers=scan_layers, compute_dtype=compute_dtype,
+                     param_dtype=param_dtype, attention_impl=attention_impl)
 
 
 def load(path, activation: str | None = None, *, scan_layers: bool = True,
-         compute_dtype: Any = jnp.float32, mesh=None, rules=None) -> TextTower:
+         compute_dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+         attention_impl: str | None = None, mesh=None, rules=None) -> TextTower:
     """Loads a converted directory or any supported source (OpenAI / OpenCLIP / HF).
 
     `activation` overrides the one stored in the checkpoint metadata; `mesh` and `rules` place
@@ -162,7 +174,8 @@ def load(path, activation: str | None = None, *, scan_layers: bool = True,
     if activation:
         cfg = dataclasses.replace(cfg, activation=activation)
     model = nnx.eval_shape(lambda: TextTower(cfg, rngs=nnx.Rngs(0), scan_layers=scan_layers,
-                                             compute_dtype=compute_dtype))
+                                             compute_dtype=compute_dtype, param_dtype=param_dtype,
+                                             attention_impl=attention_impl))
     model = checkpoint_io.materialize(model, tensors, mesh=mesh, rules=rules, source=str(path))
     model.checkpoint_id = meta.get("files", {}).get(checkpoint_io.PARAMS_FILE) or meta.get(
         "source_sha256")

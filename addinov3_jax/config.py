@@ -41,7 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.class_name = ""
     c.model.image_score = "global"
     c.model.smoothing_sigma = 0.0
-    c.model.compute_dtype = "float32"
+    c.model.compute_dtype = "float32"  # "bfloat16": bf16 matmuls, fp32 norms / softmax / loss
+    c.model.param_dtype = "float32"  # storage of the frozen towers' parameters
+    c.model.attention_impl = "auto"  # "auto" (cuDNN on GPU for bf16), "xla", "cudnn", "splash"
     c.model.scan_layers = True
 
     c.data = ml_collections.ConfigDict()
@@ -53,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.source = "raw"  # or "tfds" (ArrayRecord built by `addinov3 data build`)
     c.data.tfds_data_dir = ""
     c.data.image_size = 512
-    c.data.worker_count = 0
+    c.data.worker_count = -1  # grain worker processes; -1: from the host's cores, 0: in-process
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 64
@@ -151,6 +153,8 @@ ENUMS = {
     "model.class_name_source": ("readable", "path", "fixed"),
     "model.image_score": ("global", "max", "mean_of_both"),
     "model.compute_dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.attention_impl": ("auto", "xla", "cudnn", "splash"),
     "data.source": ("raw", "tfds"),
     "data.on_bad_sample": ("error", "skip"),
     "train.feature_cache": ("auto", "device", "memory", "disk", "off"),
@@ -182,6 +186,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for field in NON_NEGATIVE:
         if not _get(c, field) >= 0:
             raise ConfigError(f"config field {field}={_get(c, field)!r} must be >= 0")
+    if not c.data.worker_count >= -1:
+        raise ConfigError(f"config field data.worker_count={c.data.worker_count!r} must be >= 0 "
+                          "(or -1: from the host's cores)")
     if c.model.class_name_source == "fixed" and not c.model.class_name:
         raise ConfigError("config field model.class_name must name the word when "
                           "model.class_name_source='fixed'")

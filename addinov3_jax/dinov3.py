@@ -205,12 +205,14 @@ def apply_rope(x_bnhd: jax.Array, sin_nd: jax.Array, cos_nd: jax.Array) -> jax.A
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: Config, lead: tuple[int, ...], *, rngs: nnx.Rngs):
+    def __init__(self, cfg: Config, lead: tuple[int, ...], *, rngs: nnx.Rngs,
+                 attention_impl: str | None = None):
         d = cfg.embed_dim
         # Fused qkv, kernel (D, 3, D): the key third of the bias is never applied (masked).
         self.qkv = layers.FusedQKV(d, d, lead, bias=cfg.qkv_bias, rngs=rngs)
         self.proj = layers.Linear(d, d, ("heads", "embed"), lead, rngs=rngs)
         self.num_heads = cfg.num_heads
+        self.attention_impl = layers.check_attention_impl(attention_impl)
 
     def __call__(self, x_bnd: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
         b, n, d = x_bnd.shape
@@ -221,7 +223,7 @@ class Attention(nnx.Module):
         qkv = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = (sharding.constrain(qkv[:, :, i], ACT_HEADS) for i in range(3))
         q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-        o = layers.attention(q, k, v).reshape(b, n, d)
+        o = layers.attention(q, k, v, implementation=self.attention_impl).reshape(b, n, d)
         return self.proj(sharding.constrain(o, ACT_HIDDEN))
 
 
@@ -252,11 +254,12 @@ class Block(nnx.Module):
     Constructed with `lead=(depth,)` it holds all blocks stacked; call it on one layer's slice.
     """
 
-    def __init__(self, cfg: Config, lead: tuple[int, ...] = (), *, rngs: nnx.Rngs):
+    def __init__(self, cfg: Config, lead: tuple[int, ...] = (), *, rngs: nnx.Rngs,
+                 attention_impl: str | None = None):
         d = cfg.embed_dim
         lead_axes = ("layers",) * len(lead)
         self.norm1 = layers.LayerNorm(d, lead, eps=cfg.layer_norm_eps, rngs=rngs)
-        self.attn = Attention(cfg, lead, rngs=rngs)
+        self.attn = Attention(cfg, lead, rngs=rngs, attention_impl=attention_impl)
         self.ls1 = layers.param(rngs, nnx.initializers.constant(1e-5), (*lead, d),
                                 (*lead_axes, "embed"))
         self.norm2 = layers.LayerNorm(d, lead, eps=cfg.layer_norm_eps, rngs=rngs)
@@ -281,7 +284,12 @@ class DinoV3(nnx.Module):
         rngs: nnx.Rngs,
         scan_layers: bool = True,
         compute_dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        attention_impl: str | None = None,
     ):
+        """`compute_dtype` runs the matmuls (bf16: LayerNorm statistics, softmax and RoPE stay
+        fp32); `param_dtype` stores the parameters; `attention_impl` is passed to
+        `layers.attention` (None / "auto", "xla", "cudnn", "splash")."""
         cfg = config
         d, p = cfg.embed_dim, cfg.patch_size
         self.config = cfg
@@ -298,11 +306,12 @@ class DinoV3(nnx.Module):
             rngs, layers.trunc_normal(0.02), (1, cfg.num_registers, d), (None, None, "embed")
         )
         self.mask_token = layers.param(rngs, layers.zeros, (1, d), (None, "embed"))
-        self.blocks = Block(cfg, (cfg.depth,), rngs=rngs)
+        self.blocks = Block(cfg, (cfg.depth,), rngs=rngs, attention_impl=attention_impl)
         self.norm = layers.LayerNorm(d, (), eps=cfg.layer_norm_eps, rngs=rngs)
         if cfg.local_cls_norm:
             self.local_cls_norm = layers.LayerNorm(d, (), eps=cfg.layer_norm_eps, rngs=rngs)
         self.rope_periods = RopePeriods(jnp.asarray(exact_periods(cfg.head_dim, cfg.rope_base)))
+        layers.cast_params(self, param_dtype)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -420,10 +429,13 @@ def create(
     rngs: nnx.Rngs,
     scan_layers: bool = True,
     compute_dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    attention_impl: str | None = None,
 ) -> DinoV3:
     """A randomly initialised model (tests, benchmarks, `--random` parity)."""
     cfg = get_config(variant) if isinstance(variant, str) else variant
-    return DinoV3(cfg, rngs=rngs, scan_layers=scan_layers, compute_dtype=compute_dtype)
+    return DinoV3(cfg, rngs=rngs, scan_layers=scan_layers, compute_dtype=compute_dtype,
+                  param_dtype=param_dtype, attention_impl=attention_impl)
 
 
 def count_params(model: nnx.Module) -> int:
@@ -439,6 +451,8 @@ def load(
     scan_layers: bool = True,
     compute_dtype: Any = jnp.float32,
     num_heads: int | None = None,
+    param_dtype: Any = jnp.float32,
+    attention_impl: str | None = None,
     mesh=None,
     rules=None,
 ) -> DinoV3:
@@ -460,6 +474,7 @@ def load(
     if rope_periods == "exact":
         tensors.arrays["rope_periods"] = exact_periods(cfg.head_dim, cfg.rope_base)
     model = nnx.eval_shape(
-        lambda: DinoV3(cfg, rngs=nnx.Rngs(0), scan_layers=scan_layers, compute_dtype=compute_dtype)
+        lambda: DinoV3(cfg, rngs=nnx.Rngs(0), scan_layers=scan_layers, compute_dtype=compute_dtype,
+                       param_dtype=param_dtype, attention_impl=attention_impl)
     )
     return checkpoint_io.materialize(model, tensors, mesh=mesh, rules=rules, source=str(path))

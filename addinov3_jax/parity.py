@@ -2,7 +2,10 @@
 
 Needs the `test` extra (torch + transformers: `pip install -c requirements/constraints.txt -e
 '.[test]'` from the repository root); the package itself never imports torch elsewhere.
-Everything runs in fp32 with `jax.default_matmul_precision("highest")`.
+The reference and our fp32 run use fp32 with `jax.default_matmul_precision("highest")`. With
+`dtype="bfloat16"` our tower also runs with `compute_dtype=bfloat16` (same weights) and two more
+tables compare it with the transformers fp32 reference and with our own fp32 outputs; those rows
+pass on the relative L2 error `||ours - ref|| / ||ref||`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ import jax
 import numpy as np
 
 DEFAULT_ATOL = {"dinov3": 1e-4, "clip-text": 1e-4}
+# bf16 rows: relative L2 error per output (bf16 keeps 8 bits of mantissa: 2^-9 = 2e-3 per rounding;
+# errors compound over the blocks).
+DEFAULT_BF16_RTOL = 5e-2
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass
@@ -22,6 +29,7 @@ class Row:
     max_rel: float
     cosine: float
     ref_max: float
+    rel_l2: float = 0.0
 
 
 def compare(name: str, ours, ref) -> Row:
@@ -31,22 +39,54 @@ def compare(name: str, ours, ref) -> Row:
         raise ValueError(f"{name}: shape mismatch, ours {np.shape(ours)} vs reference {np.shape(ref)}")
     diff = np.abs(a - b)
     cos = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+    rel_l2 = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
     return Row(name, float(diff.max()), float((diff / np.maximum(np.abs(b), 1e-6)).max()), cos,
-               float(np.abs(b).max()))
+               float(np.abs(b).max()), rel_l2)
 
 
-def print_table(title: str, rows: list[Row], atol: float) -> bool:
-    """Prints the table; a row passes when max_abs <= atol * max(1, max|ref|)."""
+def _rows(names, ours, refs) -> list[Row]:
+    return [compare(n, a, b) for n, a, b in zip(names, ours, refs, strict=True)]
+
+
+def print_table(title: str, rows: list[Row], atol: float | None = None, *,
+                rel_l2: float | None = None) -> bool:
+    """Prints the table; a row passes when max_abs <= atol * max(1, max|ref|) (fp32), or when
+    its relative L2 error is <= rel_l2 (bf16)."""
     print(title)
-    print(f"{'output':<22}{'max abs':>12}{'max rel':>12}{'cosine':>14}{'max |ref|':>12}  ok")
+    print(f"{'output':<22}{'max abs':>12}{'max rel':>12}{'rel L2':>12}{'cosine':>14}"
+          f"{'max |ref|':>12}  ok")
     ok = True
     for r in rows:
-        good = r.max_abs <= atol * max(1.0, r.ref_max)
+        good = r.rel_l2 <= rel_l2 if rel_l2 is not None else r.max_abs <= atol * max(1.0, r.ref_max)
         ok &= good
-        print(f"{r.name:<22}{r.max_abs:>12.3e}{r.max_rel:>12.3e}{r.cosine:>14.9f}"
+        print(f"{r.name:<22}{r.max_abs:>12.3e}{r.max_rel:>12.3e}{r.rel_l2:>12.3e}{r.cosine:>14.9f}"
               f"{r.ref_max:>12.4g}  {'yes' if good else 'NO'}")
-    print(f"tolerance: max abs <= {atol:g} x max(1, max|ref|): {'PASS' if ok else 'FAIL'}")
+    rule = (f"relative L2 <= {rel_l2:g}" if rel_l2 is not None
+            else f"max abs <= {atol:g} x max(1, max|ref|)")
+    print(f"tolerance: {rule}: {'PASS' if ok else 'FAIL'}")
     return ok
+
+
+def _bf16_tables(title: str, ours_bf16: list[Row], ours_vs_ours: list[Row], rtol: float | None
+                 ) -> bool:
+    rtol = rtol or DEFAULT_BF16_RTOL
+    ok = print_table(f"{title}: ours bfloat16 vs the reference fp32", ours_bf16, rel_l2=rtol)
+    return print_table(f"{title}: ours bfloat16 vs ours fp32", ours_vs_ours, rel_l2=rtol) and ok
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+
+
+def _as_bfloat16(model):
+    """A copy of a tower computing in bf16 (parameters unchanged, fp32)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    model = nnx.clone(model)
+    model.compute_dtype = jnp.dtype(jnp.bfloat16)
+    return model
 
 
 def _torch():
@@ -103,8 +143,10 @@ def _state_dict_numpy(module) -> dict[str, np.ndarray]:
 
 
 def dinov3(*, source=None, random_variant=None, image_size=(224, 224), seed=0, batch=2,
-           atol=None) -> bool:
-    """Compares our DINOv3 with transformers' `DINOv3ViTModel` on one random batch."""
+           atol=None, dtype="float32", bf16_rtol=None) -> bool:
+    """Compares our DINOv3 with transformers' `DINOv3ViTModel` on one random batch (and, with
+    `dtype="bfloat16"`, our bf16 forward with the reference and with our fp32 forward)."""
+    _check_dtype(dtype)
     torch, transformers = _torch()
     from addinov3_jax import checkpoint_io
     from addinov3_jax import dinov3 as d3
@@ -137,25 +179,41 @@ def dinov3(*, source=None, random_variant=None, image_size=(224, 224), seed=0, b
     with torch.no_grad():
         out = ref(torch.from_numpy(x.transpose(0, 3, 1, 2)), output_hidden_states=True)
         hidden = [ref.norm(t).numpy() for t in out.hidden_states[1:]]
-    with jax.default_matmul_precision("highest"):
-        ours = model(x)
-        inter = model.get_intermediate_layers(x, n=cfg.depth, return_class_token=True,
-                                              return_extra_tokens=True)
     r = 1 + cfg.num_registers
     last = out.last_hidden_state.numpy()
-    rows = [compare("cls", ours["x_norm_clstoken"], last[:, 0]),
-            compare("registers", ours["x_storage_tokens"], last[:, 1:r]),
-            compare("patches", ours["x_norm_patchtokens"], last[:, r:]),
-            compare("prenorm", ours["x_prenorm"], out.hidden_states[-1].numpy())]
-    for i, (patches, cls, extra) in enumerate(inter):
-        got = np.concatenate([np.asarray(cls)[:, None], np.asarray(extra), np.asarray(patches)], 1)
-        rows.append(compare(f"block {i} (normed)", got, hidden[i]))
-    return print_table(f"{title}, input {batch}x{h}x{w}", rows, atol or DEFAULT_ATOL["dinov3"])
+    reference = [last[:, 0], last[:, 1:r], last[:, r:], out.hidden_states[-1].numpy(), *hidden]
+
+    def outputs(m):
+        with jax.default_matmul_precision("highest"):
+            ours = m(x)
+            inter = m.get_intermediate_layers(x, n=cfg.depth, return_class_token=True,
+                                              return_extra_tokens=True)
+        got = [ours["x_norm_clstoken"], ours["x_storage_tokens"], ours["x_norm_patchtokens"],
+               ours["x_prenorm"]]
+        for patches, cls, extra in inter:
+            got.append(np.concatenate([np.asarray(cls, np.float32)[:, None],
+                                       np.asarray(extra, np.float32),
+                                       np.asarray(patches, np.float32)], 1))
+        return [np.asarray(g, np.float32) for g in got]
+
+    names = ["cls", "registers", "patches", "prenorm",
+             *(f"block {i} (normed)" for i in range(cfg.depth))]
+    ours = outputs(model)
+    title = f"{title}, input {batch}x{h}x{w}"
+    ok = print_table(title, _rows(names, ours, reference),
+                     atol or DEFAULT_ATOL["dinov3"])
+    if dtype == "bfloat16":
+        low = outputs(_as_bfloat16(model))
+        ok = _bf16_tables(title, _rows(names, low, reference),
+                          _rows(names, low, ours), bf16_rtol) and ok
+    return ok
 
 
 def clip_text(*, source=None, random_variant=None, activation="quick_gelu", seed=0,
-              atol=None) -> bool:
-    """Compares our text tower with transformers' `CLIPTextModelWithProjection`."""
+              atol=None, dtype="float32", bf16_rtol=None) -> bool:
+    """Compares our text tower with transformers' `CLIPTextModelWithProjection` (and, with
+    `dtype="bfloat16"`, our bf16 forward with the reference and with our fp32 forward)."""
+    _check_dtype(dtype)
     torch, transformers = _torch()
     from flax import nnx
 
@@ -189,11 +247,21 @@ def clip_text(*, source=None, random_variant=None, activation="quick_gelu", seed
         ids[:, 10] = tokenizer.EOT_ID
     with torch.no_grad():
         out = ref(torch.from_numpy(ids).long(), output_hidden_states=True)
-    with jax.default_matmul_precision("highest"):
-        ours = model(ids, return_hidden=True)
     eot = ids.argmax(-1)
-    rows = [compare(f"block {i}", h, out.hidden_states[i + 1].numpy())
-            for i, h in enumerate(ours["hidden"])]
-    rows += [compare("pooled", ours["pooled"], out.last_hidden_state.numpy()[np.arange(len(ids)), eot]),
-             compare("projected", ours["projected"], out.text_embeds.numpy())]
-    return print_table(title, rows, atol or DEFAULT_ATOL["clip-text"])
+    reference = [*(out.hidden_states[i + 1].numpy() for i in range(cfg.depth)),
+                 out.last_hidden_state.numpy()[np.arange(len(ids)), eot], out.text_embeds.numpy()]
+    names = [*(f"block {i}" for i in range(cfg.depth)), "pooled", "projected"]
+
+    def outputs(m):
+        with jax.default_matmul_precision("highest"):
+            o = m(ids, return_hidden=True)
+        return [np.asarray(g, np.float32) for g in (*o["hidden"], o["pooled"], o["projected"])]
+
+    ours = outputs(model)
+    ok = print_table(title, _rows(names, ours, reference),
+                     atol or DEFAULT_ATOL["clip-text"])
+    if dtype == "bfloat16":
+        low = outputs(_as_bfloat16(model))
+        ok = _bf16_tables(title, _rows(names, low, reference),
+                          _rows(names, low, ours), bf16_rtol) and ok
+    return ok

@@ -31,16 +31,20 @@ def _is_variant(name: str, variants) -> bool:
     return name in variants
 
 
+def _options(m) -> dict:
+    """The tower options of `config.model` (dtypes, attention implementation, scan)."""
+    return {"scan_layers": m.scan_layers, "compute_dtype": jnp.dtype(m.compute_dtype),
+            "param_dtype": jnp.dtype(m.param_dtype), "attention_impl": m.attention_impl}
+
+
 def backbone_init_fn(m, seed: int):
     """The random-init backbone of a variant name (`create()` builds it)."""
-    dtype = jnp.dtype(m.compute_dtype)
-    return lambda: dinov3.create(m.backbone, rngs=nnx.Rngs(seed), scan_layers=m.scan_layers,
-                                 compute_dtype=dtype)
+    return lambda: dinov3.create(m.backbone, rngs=nnx.Rngs(seed), **_options(m))
 
 
 def _text_fn(m, seed: int):
     return lambda: clip_text.create(m.text_tower, activation=m.text_activation or None,
-                                    rngs=nnx.Rngs(seed + 1))
+                                    rngs=nnx.Rngs(seed + 1), **_options(m))
 
 
 def backbone_config(m) -> dinov3.Config:
@@ -55,16 +59,14 @@ def backbone_config(m) -> dinov3.Config:
 
 def abstract_backbone(m) -> dinov3.DinoV3:
     cfg = backbone_config(m)
-    return nnx.eval_shape(lambda: dinov3.DinoV3(cfg, rngs=nnx.Rngs(0), scan_layers=m.scan_layers,
-                                                compute_dtype=jnp.dtype(m.compute_dtype)))
+    return nnx.eval_shape(lambda: dinov3.DinoV3(cfg, rngs=nnx.Rngs(0), **_options(m)))
 
 
 def backbone(m, mesh, rules, seed: int) -> dinov3.DinoV3:
     """The frozen DINOv3 of `config.model`, sharded by `rules` on `mesh`."""
     if _is_variant(m.backbone, dinov3.VARIANTS):
         return random_sharded(backbone_init_fn(m, seed), mesh, rules)
-    return dinov3.load(m.backbone, scan_layers=m.scan_layers, compute_dtype=m.compute_dtype,
-                       mesh=mesh, rules=rules)
+    return dinov3.load(m.backbone, mesh=mesh, rules=rules, **_options(m))
 
 
 def text_dim(m) -> int:
@@ -79,7 +81,8 @@ def text_tower(m, mesh, rules, seed: int) -> clip_text.TextTower:
     """The frozen CLIP text tower of `config.model`, sharded by `rules` on `mesh`."""
     if _is_variant(m.text_tower, clip_text.VARIANTS):
         return random_sharded(_text_fn(m, seed), mesh, rules)
-    return clip_text.load(m.text_tower, activation=m.text_activation or None, mesh=mesh, rules=rules)
+    return clip_text.load(m.text_tower, activation=m.text_activation or None, mesh=mesh, rules=rules,
+                          **_options(m))
 
 
 def adapters_fn(visual_dim: int, text_dim_: int, num_layers: int, seed: int):

@@ -15,6 +15,7 @@ implementation is `preprocess_image` / `preprocess_mask`, also used by `predict`
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -154,10 +155,35 @@ def train_dataset(
     return _prefetch(ds.to_iter_dataset(), worker_count)
 
 
+AUTO_WORKERS_MAX = 16
+
+
+def host_cores() -> int:
+    """CPU cores this process may run on (the affinity mask where the OS reports one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def resolve_worker_count(worker_count: int) -> int:
+    """grain worker processes for `worker_count`: >= 0 as given (0 = in-process), -1 (auto) =
+    `min(cores - 1, 16)`, one core left for the training / evaluation loop, and 0 on hosts with
+    fewer than 4 cores, where worker processes cost more than they decode (benchmarks/RESULTS.md).
+    """
+    if worker_count >= 0:
+        return int(worker_count)
+    if worker_count != -1:
+        raise ValueError(f"worker_count must be >= 0 or -1 (auto), got {worker_count}")
+    cores = host_cores()
+    return 0 if cores < 4 else min(cores - 1, AUTO_WORKERS_MAX)
+
+
 def _prefetch(ds: grain.IterDataset, worker_count: int) -> grain.IterDataset:
     """Worker-process prefetch (grain reads absl flags, which a library caller may not have parsed;
     scripts using workers need an `if __name__ == "__main__":` guard)."""
-    if worker_count <= 0:
+    worker_count = resolve_worker_count(worker_count)
+    if worker_count == 0:
         return ds
     from absl import flags
 
