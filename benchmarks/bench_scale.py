@@ -74,7 +74,9 @@ frozen = {"text": jnp.zeros((2, 32, 2))}
 def timed(fn, n):
     best = float("inf")
     for _ in range(n):
-        t = time.perf_counter(); out = fn(); jax.block_until_ready(out); best = min(best, time.perf_counter() - t)
+        t = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t)
     return best, out
 with sharding.use(mesh, rules):
     t_feat, (p, c) = timed(lambda: features(state, images), reps + 1)
