@@ -40,9 +40,10 @@ from addinov3_jax import model as ad
 from addinov3_jax.data import pipeline, readers
 from addinov3_jax.feature_cache import FEATURE_AXES, FeatureCache, global_batch, nbytes
 
-# Test hook: SIGKILL this process right after step k (checkpoints written so far are complete),
-# to check that resuming after a kill gives the uninterrupted result bitwise.
-KILL_AFTER_STEP_ENV = "ADDINOV3_SIGKILL_AFTER_STEP"
+# Test hook, "K:SIGNAL" (e.g. "5:SIGKILL", "3:SIGINT"): this process sends itself SIGNAL right
+# after step K, once the checkpoints started so far are complete, so that tests of a kill or a
+# Ctrl-C and of the resume that follows are deterministic.
+SIGNAL_AFTER_STEP_ENV = "ADDINOV3_TEST_SIGNAL_AFTER_STEP"
 
 
 class TrainingInterrupted(RuntimeError):
@@ -418,7 +419,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Path, is_main: bool) -> dict[s
             print(f"resuming from step {start} of {total}")
     meta = {"total_steps": total, "classes": list(words), "config": json.loads(cfg.to_json_best_effort())}
     writer = _Writers(workdir, is_main, start)
-    kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0"))
+    hook_step, _, hook_signal = os.environ.get(SIGNAL_AFTER_STEP_ENV, "0:").partition(":")
 
     bar = _progress(is_main, total=total, initial=start, desc="train")
     t_last, n_last, last_terms, done = time.perf_counter(), start, None, start
@@ -447,9 +448,9 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Path, is_main: bool) -> dict[s
             if done % t.checkpoint_every == 0 and done != total:
                 checkpointing.save(mngr, done, state, it.get_state(), {"step": done, **meta})
             bar.update(1)
-            if done == kill_after:
+            if done == int(hook_step):
                 mngr.wait_until_finished()
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), getattr(signal, hook_signal))
     except KeyboardInterrupt:
         bar.close()
         if done > start and mngr.latest_step() != done:

@@ -108,7 +108,7 @@ def test_kill_and_resume_equals_uninterrupted(data, tmp_path):
                           text=True, timeout=600)
     assert full.returncode == 0, full.stderr[-2000:]
     killed = subprocess.run(_train_cmd(data, tmp_path / "killed", 6), capture_output=True, text=True,
-                            env=dict(env, **{train.KILL_AFTER_STEP_ENV: "5"}), timeout=600)
+                            env=dict(env, **{train.SIGNAL_AFTER_STEP_ENV: "5:SIGKILL"}), timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (tmp_path / "killed" / "model").exists()
     resumed = subprocess.run(_train_cmd(data, tmp_path / "killed", 6), env=env, capture_output=True,
@@ -124,6 +124,22 @@ def test_kill_and_resume_equals_uninterrupted(data, tmp_path):
     again = subprocess.run(_train_cmd(data, tmp_path / "killed", 6), env=env, capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_ctrl_c_is_one_line_and_resumable(data, tmp_path):
+    """Ctrl-C (SIGINT right after step 3): a checkpoint at step 3, one line, exit 130; the same
+    command then resumes from step 3 and finishes."""
+    env = dict(os.environ)
+    res = subprocess.run(_train_cmd(data, tmp_path, 3), capture_output=True, text=True, timeout=600,
+                         env=dict(env, **{train.SIGNAL_AFTER_STEP_ENV: "3:SIGINT"}))
+    assert res.returncode == 130, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert "interrupted at step 3 of 6; rerun the same command to resume" in res.stderr
+    assert (tmp_path / "checkpoints" / "3").is_dir() and not (tmp_path / "model").exists()
+    again = subprocess.run(_train_cmd(data, tmp_path, 3), env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0 and "resuming from step 3 of 6" in again.stdout, again.stderr[-2000:]
+    assert (tmp_path / "model" / "model.json").is_file()
 
 
 def test_stop_after_then_resume_equals_uninterrupted(data, tmp_path):
