@@ -303,10 +303,13 @@ def run_eval(p, rec, device, bb, workdir: Path):
     import jax
     import numpy as np
     from flax import nnx
+    from jax.sharding import AxisType
 
     from addinov3_jax import metrics
     from addinov3_jax import model as ad
     from addinov3_jax.data import pipeline, readers
+    from addinov3_jax.inference import Predictor
+    from addinov3_jax.sharding import MESH_AXES
 
     size, b = p["image_size"], p["eval_batch"]
     t0 = time.perf_counter()
@@ -319,14 +322,14 @@ def run_eval(p, rec, device, bb, workdir: Path):
     workers = pipeline.resolve_worker_count(-1)
     model = ad.ADDinoV3(nnx.merge(*bb), None, ad.HeadConfig(feature_layers=p["taps"]),
                         rngs=nnx.Rngs(1), text_dim=p["text_dim"])
-    # Everything committed to the device up front: a change of argument placement recompiles.
-    nnx.update(model, jax.device_put(nnx.state(model), device))
+    # The inference entry point of `eval` / `predict`, on a one-device mesh.
+    predictor = Predictor(model, jax.make_mesh((1, 1, 1), MESH_AXES, devices=[device],
+                                               axis_types=(AxisType.Auto,) * 3))
     table = jax.device_put(np.random.default_rng(0).standard_normal(
         (len(words), p["text_dim"], 2)).astype(np.float32), device)
     for _ in range(2):
-        jax.block_until_ready(ad._predict(
-            model, jax.device_put(np.zeros((b, size, size, 3), np.float32), device),
-            table[jax.device_put(np.zeros(b, np.int32), device)]))
+        jax.block_until_ready(predictor(np.zeros((b, size, size, 3), np.float32),
+                                        np.zeros(b, np.int32), table))
 
     n = len(source)
     t0 = time.perf_counter()
@@ -335,8 +338,7 @@ def run_eval(p, rec, device, bb, workdir: Path):
     scores, labels = np.zeros(n, np.float32), np.zeros(n, np.int32)
     class_ids = np.zeros(n, np.int32)
     for batch in pipeline.eval_dataset(source, pre, batch_size=b, worker_count=workers):
-        m, s = ad._predict(model, jax.device_put(batch["image"], device),
-                           table[jax.device_put(batch["class_id"], device)])
+        m, s = predictor(batch["image"], batch["class_id"], table)
         valid = batch["valid"].astype(bool)
         idx = batch["index"][valid]
         maps[idx], scores[idx] = np.asarray(m)[valid], np.asarray(s)[valid]
