@@ -76,9 +76,12 @@ def load_config(path: str, overrides: list[str]):
     if not file or not os.path.isfile(file):
         raise config_lib.ConfigError(f"{file}: no such config file")
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=True)
+    argv = ["addinov3", f"--config={path}", *overrides]
+    # sys_argv: the overrides are these, not the process's (library calls, tests).
+    config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
     try:
-        fv(["addinov3", f"--config={path}", *overrides])
+        fv(argv)
     except config_lib.ConfigError:
         raise
     except Exception as e:  # absl wraps errors of the file and of the overrides
@@ -201,14 +204,25 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from addinov3_jax import predict
 
+    fs = None
+    if args.reference is None:
+        if args.fusion is not None or args.augment is not None:
+            raise UsageError("--fusion and --augment need --reference DIR (a folder of normal images)")
+    else:
+        from addinov3_jax import fewshot
+
+        fs = fewshot.FewShotConfig(fusion=args.fusion or "add", augment=args.augment or "none")
     model = predict.load_model(args.checkpoint)
     result = predict.predict(model, args.images, args.class_name, args.output,
                              image_size=args.image_size, batch_size=args.batch_size,
                              save_maps=args.save_maps, scale=args.scale,
-                             text_cache_dir=predict.text_cache_dir(args.checkpoint, args.output))
+                             text_cache_dir=predict.text_cache_dir(args.checkpoint, args.output),
+                             reference=args.reference, fewshot_config=fs)
     for item in result.skipped:
         print(f"skipped {item['image']}: {item['error']}", file=sys.stderr)
     lo, hi = result.scale
+    if args.reference is not None:
+        print(f"few-shot: fused with a memory bank of the normal images in {args.reference}")
     print(f"wrote heatmaps and scores for {len(result.images)} images to {args.output} "
           f"(colour scale {args.scale}: {lo:.4g} .. {hi:.4g})"
           + (f"; skipped {len(result.skipped)} unreadable (listed in scores.json)" if result.skipped else ""))
@@ -285,11 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_plan)
 
-    p = sub.add_parser("eval", help="zero-shot evaluation, writes results.json / results.md",
+    p = sub.add_parser("eval", help="zero-shot or few-shot evaluation, writes results.json / results.md",
                        description="Evaluate WORKDIR/model on config.eval.datasets (NAME: root, classes) "
                                    "and "
                                    "write results.json, results.md, heatmaps/ and curves/ there. "
-                                   "Override fields with --config.FIELD=VALUE.")
+                                   "Override fields with --config.FIELD=VALUE; few-shot: "
+                                   "--config.eval.shots=K --config.eval.shot_seeds='(0,1,2)' "
+                                   "(references from each class's train/good images).")
     p.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
     p.add_argument("--workdir", required=True)
     p.set_defaults(run=_eval)
@@ -305,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-maps", action="store_true", help="also write maps/<name>.npy")
     p.add_argument("--scale", choices=["run", "fixed"], default="run",
                    help="heatmap colours: run = min..max of this run's maps (default), fixed = 0..1")
+    p.add_argument("--reference", default=None, metavar="DIR",
+                   help="few-shot: a folder of normal images of the class; their patch memory "
+                        "bank is fused with the zero-shot maps and scores")
+    p.add_argument("--fusion", choices=["add", "none"], default=None,
+                   help="with --reference: add = zero-shot + few-shot/2 (default), none = few-shot only")
+    p.add_argument("--augment", choices=["none", "flip", "rot90", "dihedral"], default=None,
+                   help="with --reference: views of each reference image in the bank (default none)")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.set_defaults(run=_predict)
 

@@ -8,6 +8,7 @@ at load, and names the field and the allowed values when something is wrong.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import ml_collections
@@ -89,6 +90,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.resolution = "network"  # or "original"
     c.eval.heatmaps_per_category = 4
     c.eval.curves = True
+    # Few-shot (shared/reference/fewshot.md): shots > 0 adds a memory bank of `shots` train/good
+    # images per class, one per seed of `shot_seeds`; results are the mean over seeds.
+    c.eval.shots = 0  # 0 = zero-shot only
+    c.eval.shot_seeds = (0,)
+    c.eval.fewshot = ml_collections.ConfigDict()  # the fields of fewshot.FewShotConfig
+    c.eval.fewshot.augment = "none"  # "none", "flip", "rot90", "dihedral"
+    c.eval.fewshot.rotation_angles = ()  # extra small rotations (degrees), one view each
+    c.eval.fewshot.coreset_ratio = 1.0
+    c.eval.fewshot.coreset_projection_dim = 128
+    c.eval.fewshot.block_size = 4096
+    c.eval.fewshot.bank_dtype = "float32"
+    c.eval.fewshot.image_score = "mean_top"
+    c.eval.fewshot.top_fraction = 0.01
+    c.eval.fewshot.smoothing_sigma = 4.0
+    c.eval.fewshot.fusion = "add"
+    c.eval.fewshot.fusion_weight = 1.0
     return c
 
 
@@ -140,6 +157,13 @@ def demo_config(arg: str = "") -> ml_collections.ConfigDict:
     c.eval.datasets = ml_collections.ConfigDict(
         {"synthetic": dataset_entry("demo_data/synthetic", HELD_OUT)})
     c.eval.batch_size = 16
+    # Few-shot settings (`addinov3 eval --config.eval.shots=K`, the demo's 1 / 4 shots), chosen
+    # on a validation split of the AUXILIARY categories only (benchmarks/fewshot_settings.py,
+    # numbers in benchmarks/RESULTS.md): "dihedral" views beat none / flip / rot90; the fusion
+    # weight made no difference there (the tiny model's zero-shot maps vary ~1e-6), so "add", 1.
+    c.eval.fewshot.augment = "dihedral"
+    c.eval.fewshot.fusion = "add"
+    c.eval.fewshot.fusion_weight = 1.0
     if arg == "quick":  # for tests
         c.train.epochs = 2
     return c
@@ -160,11 +184,19 @@ ENUMS = {
     "train.feature_cache": ("auto", "device", "memory", "disk", "off"),
     "train.feature_cache_dtype": ("float32", "bfloat16"),
     "eval.resolution": ("network", "original"),
+    # = fewshot.AUGMENTS, IMAGE_SCORES, FUSIONS, BANK_DTYPES (tests/test_fewshot_eval.py checks)
+    "eval.fewshot.augment": ("none", "flip", "rot90", "dihedral"),
+    "eval.fewshot.image_score": ("mean_top", "max"),
+    "eval.fewshot.fusion": ("add", "none"),
+    "eval.fewshot.bank_dtype": ("float32", "bfloat16"),
 }
 POSITIVE = ("data.image_size", "train.batch_size", "train.epochs", "train.log_every",
-            "train.checkpoint_every", "train.keep_checkpoints", "eval.batch_size")
+            "train.checkpoint_every", "train.keep_checkpoints", "eval.batch_size",
+            "eval.fewshot.block_size")
 NON_NEGATIVE = ("train.lr", "train.weight_decay", "train.warmup_fraction", "train.stop_after",
-                "model.smoothing_sigma", "eval.heatmaps_per_category", "train.feature_cache_max_gb")
+                "model.smoothing_sigma", "eval.heatmaps_per_category", "train.feature_cache_max_gb",
+                "eval.shots", "eval.fewshot.coreset_projection_dim",
+                "eval.fewshot.smoothing_sigma", "eval.fewshot.fusion_weight")
 
 
 def _get(c, dotted: str):
@@ -212,7 +244,35 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                               "config.dataset_entry(root, classes)")
         if not entry.root:
             raise ConfigError(f"config field eval.datasets.{name}.root is empty")
+    fewshot_config(c)
     return c
+
+
+def fewshot_config(c: ml_collections.ConfigDict):
+    """The `fewshot.FewShotConfig` of `c.eval` (shots, shot_seeds, fewshot.*). Raises ConfigError
+    naming the field."""
+    from addinov3_jax import fewshot
+
+    if not isinstance(c.eval.shots, int) or isinstance(c.eval.shots, bool):
+        raise ConfigError(f"config field eval.shots={c.eval.shots!r} must be an integer >= 0")
+    seeds = c.eval.shot_seeds
+    seeds = (seeds,) if isinstance(seeds, int) else tuple(seeds)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"config field eval.shot_seeds={c.eval.shot_seeds!r} must be a non-empty "
+                          "tuple of integers, e.g. (0, 1, 2)")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"config field eval.shot_seeds={seeds!r} repeats a seed")
+    fields = {f.name for f in dataclasses.fields(fewshot.FewShotConfig)} - {"shots", "seeds"}
+    unknown = sorted(set(c.eval.fewshot) - fields)
+    if unknown:
+        raise ConfigError(f"config field eval.fewshot has unknown key(s) {unknown}; known: "
+                          + ", ".join(sorted(fields)))
+    try:
+        return fewshot.FewShotConfig(shots=c.eval.shots, seeds=seeds, **c.eval.fewshot.to_dict())
+    except ValueError as e:  # FewShotConfig's messages begin with the field's name
+        raise ConfigError(f"config field eval.fewshot.{e}") from None
+    except TypeError as e:
+        raise ConfigError(f"config field eval.fewshot: {e}") from None
 
 
 def object_word_source(c: ml_collections.ConfigDict) -> str:

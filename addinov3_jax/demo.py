@@ -7,6 +7,10 @@
 4. Evaluates zero-shot on the held-out categories, the trained model next to the untrained one
    (same towers, adapters at their initial values), and writes `results.json`,
    `results_untrained.json`, `results.md`, heatmaps and curves.
+5. Evaluates the trained model few-shot on the same categories, with 1 and 4 reference images
+   from each class's train/good split per seed (seeds `FEWSHOT_SEEDS`), and writes
+   `results_1shot.json` / `results_4shot.json` (same schema; heatmaps of the first seed under
+   `fewshot_{k}shot/`); `results.md` puts zero-shot, 1-shot and 4-shot side by side.
 """
 
 from __future__ import annotations
@@ -17,9 +21,16 @@ import shutil
 import time
 from pathlib import Path
 
+FEWSHOT_SHOTS = (1, 4)
+FEWSHOT_SEEDS = (0, 1, 2)
+SIDE_BY_SIDE = (("pixel_auroc", "pixel AUROC"), ("pixel_aupro", "pixel AUPRO"),
+                ("image_auroc", "image AUROC"))
+
 
 def run(workdir: str = "demo_out", seed: int = 0, *, dinov3: str | None = None,
-        clip_text: str | None = None, quick: bool = False, image_size: int | None = None) -> int:
+        clip_text: str | None = None, quick: bool = False, image_size: int | None = None,
+        shots: tuple[int, ...] = FEWSHOT_SHOTS) -> int:
+    """The demo in `workdir`; `shots`: the few-shot evaluations (() = zero-shot only)."""
     from flax import nnx
 
     from addinov3_jax import config as config_lib
@@ -65,23 +76,65 @@ def run(workdir: str = "demo_out", seed: int = 0, *, dinov3: str | None = None,
     r_tr = evaluate.run_from_config(
         cfg, workdir, model=trained, curves_name="trained",
         curves_compare={k: {"untrained": v} for k, v in untrained_curves.items()})
+    fewshot_results, t_fs = {}, time.perf_counter()
+    for k in shots:
+        print(f"demo: evaluating {k}-shot (train/good references, seeds {FEWSHOT_SEEDS})")
+        fs_cfg = cfg.copy_and_resolve_references()
+        fs_cfg.eval.shots, fs_cfg.eval.shot_seeds = k, FEWSHOT_SEEDS
+        fs_cfg.eval.curves = False
+        fs_cfg.eval.heatmaps_per_category = 2
+        fewshot_results[k] = evaluate.run_from_config(fs_cfg, workdir / f"fewshot_{k}shot",
+                                                      model=trained)
+        shutil.copy(workdir / f"fewshot_{k}shot" / "results.json", workdir / f"results_{k}shot.json")
+    t_fs = time.perf_counter() - t_fs
     table = evaluate.markdown(r_tr, r_un, titles=("trained", "untrained"))
+    side = fewshot_table(r_tr, fewshot_results) + "\n" if fewshot_results else ""
     (workdir / "results.md").write_text(
-        "# addinov3 demo\n\nZero-shot on held-out synthetic categories; each cell is "
+        "# addinov3 demo\n\n" + side + "Zero-shot on held-out synthetic categories; each cell is "
         "`trained / untrained` (x100).\n\n" + table)
     mean_tr = r_tr["datasets"]["synthetic"]["mean"]["pixel_auroc"]
     mean_un = r_un["datasets"]["synthetic"]["mean"]["pixel_auroc"]
     print(table)
+    print(side, end="")
     report = {"train": summary, "seconds": round(time.perf_counter() - t0, 1),
-              "held_out_pixel_auroc": {"trained": mean_tr, "untrained": mean_un}}
+              "fewshot_seconds": round(t_fs, 1),
+              "held_out_pixel_auroc": {"trained": mean_tr, "untrained": mean_un},
+              "fewshot": {f"{k}_shot": {
+                  "seeds": list(FEWSHOT_SEEDS),
+                  "mean": {key: r["datasets"]["synthetic"]["mean"][key] for key, _ in SIDE_BY_SIDE},
+                  "std": {key: r["datasets"]["synthetic"]["mean_std"][key] for key, _ in SIDE_BY_SIDE},
+              } for k, r in fewshot_results.items()}}
     (workdir / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"demo: held-out mean pixel AUROC {_pct(mean_tr)} trained vs {_pct(mean_un)} untrained; "
           f"{summary['steps']} training steps; {report['seconds']} s in total")
-    print(f"demo: wrote {workdir}/results.json, results_untrained.json, results.md, heatmaps/, curves/")
+    if fewshot_results:
+        fs_line = ", ".join(f"{_pct(r['datasets']['synthetic']['mean']['pixel_auroc'])} {k}-shot"
+                            for k, r in fewshot_results.items())
+        print(f"demo: held-out mean pixel AUROC with the trained model: {_pct(mean_tr)} zero-shot, "
+              f"{fs_line} (mean over seeds {list(FEWSHOT_SEEDS)}; {report['fewshot_seconds']} s)")
+    print(f"demo: wrote {workdir}/results.json, results_untrained.json, "
+          + "".join(f"results_{k}shot.json, " for k in fewshot_results)
+          + "results.md, heatmaps/, curves/")
     if cfg.model.backbone == "tiny":
         print("demo: note: the towers are random-init tiny models (no downloads); pass converted "
               "weights with --dinov3 DIR --clip-text DIR for real numbers.")
     return 0
+
+
+def fewshot_table(zero: dict, shots: dict[int, dict], dataset: str = "synthetic") -> str:
+    """Markdown: held-out means of the trained model, zero-shot / k-shot side by side (x100;
+    k-shot: mean ± std over seeds)."""
+    cols = ["zero-shot"] + [f"{k}-shot" for k in shots]
+    lines = ["Trained model on the held-out synthetic categories, mean over categories (x100); "
+             f"few-shot: mean ± std over seeds {list(FEWSHOT_SEEDS)}, references from train/good.",
+             "", "| metric | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for key, title in SIDE_BY_SIDE:
+        cells = [_pct(zero["datasets"][dataset]["mean"][key])]
+        for r in shots.values():
+            e = r["datasets"][dataset]
+            cells.append(f"{_pct(e['mean'][key])} ± {_pct(e['mean_std'][key])}")
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _pct(v: float) -> str:

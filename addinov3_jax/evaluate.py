@@ -1,5 +1,5 @@
-"""Zero-shot evaluation: per-category and mean metrics, `results.json` / `results.md`, heatmaps
-and curve plots.
+"""Evaluation: per-category and mean metrics, `results.json` / `results.md`, heatmaps and curve
+plots; zero-shot, or few-shot with a memory bank per class and seed.
 
 Protocol (shared/reference/metrics.md §10): every metric per category over its test images, then
 the unweighted mean over categories. Maps are compared with masks at the network resolution (the
@@ -7,6 +7,15 @@ official 512x512 protocol: masks resized bilinearly and re-thresholded) or, with
 `resolution="original"`, maps are upsampled bilinearly to each ground truth's original size.
 A metric that is undefined for a category (one class only, no masks) is NaN with a note and is
 left out of the mean.
+
+Few-shot (`fewshot_config.shots` = k > 0; shared/reference/fewshot.md): for each class and each
+seed, k references drawn (`fewshot.sample_references`) from the class's **train** split normal
+images (a dataset whose train split would share images with the test split is refused), one bank
+built from them, and every test batch fused with it (`Predictor(..., bank=)`). `results.json`
+then adds `"shots"` and `"seeds"` at the top level; per dataset, `categories` and `mean` are the
+means over the seeds, `per_seed` holds each seed's `categories` and `mean`, `mean_std` the
+standard deviation over seeds of the dataset means, and `references` the reference images drawn
+per class and seed. Heatmaps and curves show the first seed.
 """
 
 from __future__ import annotations
@@ -23,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from addinov3_jax import metrics, plots, sharding
+from addinov3_jax import fewshot, metrics, plots, sharding
 from addinov3_jax import model as ad
 from addinov3_jax.data import pipeline, readers
-from addinov3_jax.data.records import Record, decode_mask
+from addinov3_jax.data.records import DataError, Record, decode_mask
 from addinov3_jax.inference import Predictor, default_mesh, gather, place_model
 
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
@@ -46,19 +55,27 @@ class EvalOptions:
     text_cache_dir: str | None = None
 
 
+def preprocess_for(predictor: Predictor, words: Sequence[str], opts: EvalOptions,
+                   spec) -> pipeline.Preprocess:
+    """The evaluation's preprocessing (size, the backbone's mean / std), for tests and references."""
+    bb = predictor.model.backbone.config
+    return pipeline.Preprocess(size=(opts.image_size,) * 2,
+                               mask_threshold=spec.mask_threshold if spec else 0.5,
+                               classes=tuple(words), class_name_source=opts.class_name_source,
+                               mean=tuple(bb.pixel_mean), std=tuple(bb.pixel_std))
+
+
 def predict_records(predictor: Predictor, records: Sequence[Record], words: Sequence[str],
-                    opts: EvalOptions, spec, desc: str = "eval"):
-    """Maps (N, S, S), scores (N,), masks (N, S, S) of `records` on the predictor's mesh.
+                    opts: EvalOptions, spec, desc: str = "eval",
+                    bank: fewshot.MemoryBank | None = None):
+    """Maps (N, S, S), scores (N,), masks (N, S, S) of `records` on the predictor's mesh (fused
+    with the few-shot `bank` when given).
 
     Each process decodes its own contiguous block of the records; the results are gathered so
     that every process returns all N rows (process 0 computes the metrics)."""
     from tqdm.auto import tqdm
 
-    bb = predictor.model.backbone.config
-    pre = pipeline.Preprocess(size=(opts.image_size,) * 2,
-                              mask_threshold=spec.mask_threshold if spec else 0.5,
-                              classes=tuple(words), class_name_source=opts.class_name_source,
-                              mean=tuple(bb.pixel_mean), std=tuple(bb.pixel_std))
+    pre = preprocess_for(predictor, words, opts, spec)
     table = predictor.text_table(words, cache_dir=opts.text_cache_dir)
     n = len(records)
     maps = np.zeros((n, opts.image_size, opts.image_size), np.float32)
@@ -70,7 +87,7 @@ def predict_records(predictor: Predictor, records: Sequence[Record], words: Sequ
                                worker_count=opts.worker_count)
     show = jax.process_index() == 0
     for batch in tqdm(ds, desc=desc, leave=False, disable=not show):
-        m, s = predictor(batch["image"], batch["class_id"], table)
+        m, s = predictor(batch["image"], batch["class_id"], table, bank=bank)
         rows = {k: gather(predictor.to_global(batch[k])) for k in ("index", "valid", "mask")}
         valid = rows["valid"].astype(bool)
         idx = rows["index"][valid]
@@ -139,11 +156,13 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
              config: dict | None = None, on_bad_sample: str = "error",
              results_name: str = "results", mesh=None, rules=sharding.DEFAULT_RULES,
              curves_out: dict | None = None, curves_compare: dict | None = None,
-             curves_name: str = "") -> dict:
+             curves_name: str = "", fewshot_config: fewshot.FewShotConfig | None = None) -> dict:
     """Evaluates `model` on each `(dataset name, root)` or `(name, root, classes)`, on `mesh`
     (default: `inference.default_mesh(batch_size)`); process 0 writes `{results_name}.json`, `.md`,
     `heatmaps/` and `curves/` under `out_dir`. Returns the results dict (on every process).
 
+    `fewshot_config` with `shots` > 0 evaluates few-shot (see the module docstring); None or
+    `shots=0` is the zero-shot evaluation.
     `curves_out` (a dict) receives each category's curves keyed by (dataset, class);
     `curves_compare` maps such keys to `{run name: curves}` drawn beside this run (`curves_name`).
     """
@@ -152,8 +171,12 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
     is_main = jax.process_index() == 0
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    predictor = Predictor(model, mesh or default_mesh(opts.batch_size), rules)
-    results: dict = {"datasets": {}, "config": config or {}}
+    shots = fewshot_config.shots if fewshot_config else 0
+    seeds = fewshot_config.seeds if shots else (None,)
+    predictor = Predictor(model, mesh or default_mesh(opts.batch_size), rules, fewshot_config)
+    results: dict = {"datasets": {}, "config": config or {}, "shots": shots}
+    if shots:
+        results["seeds"] = list(seeds)
     for name, root, *own in datasets:
         classes_here = tuple(own[0]) if own and own[0] else classes
         spec = readers.spec_for(name)
@@ -165,34 +188,58 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
         per_class: dict[str, list[Record]] = {}
         for r in records:
             per_class.setdefault(r.class_folder, []).append(r)
-        cats, notes = {}, {}
+        normals = _reference_pool(name, root, records, tuple(sorted(per_class)),
+                                  on_bad_sample) if shots else {}
+        per_seed: dict = {seed: {} for seed in seeds}
+        references: dict = {}
+        notes = {}
         for cls, recs in sorted(per_class.items()):
             words = sorted({r.object_word(opts.class_name_source) for r in recs})
-            maps, scores, masks = predict_records(predictor, recs, words, opts, spec,
-                                                  desc=f"{name}/{cls}")
-            if not is_main:  # metrics and pictures on process 0
-                continue
             labels = np.array([r.label for r in recs])
             has_masks = all(r.has_mask for r in recs if r.label)
-            if opts.resolution == "original":
-                pmaps, pmasks = _original_resolution(recs, maps)
-            else:
-                pmaps, pmasks = maps, masks
-            cats[cls], cat_notes = category_metrics(labels, scores, pmasks, pmaps,
-                                                    has_masks=has_masks, fpr_limit=opts.fpr_limit)
-            if cat_notes:
-                notes[cls] = cat_notes
-            if opts.heatmaps_per_category:
-                plots.save_heatmaps(out_dir / "heatmaps" / name / cls, recs, maps, masks,
-                                    opts.heatmaps_per_category, opts.image_size, scores=scores)
-            if opts.curves and has_masks:
-                other = (curves_compare or {}).get((name, cls))
-                drawn = plots.save_curves(out_dir / "curves" / name / f"{cls}.png", labels, scores,
-                                          masks, maps, title=f"{name} / {cls}", name=curves_name,
-                                          compare=other)
-                if curves_out is not None:
-                    curves_out[(name, cls)] = drawn
-        entry = {"categories": cats, "mean": mean_metrics(cats)}
+            for i, seed in enumerate(seeds):
+                bank = None
+                if shots:
+                    refs = fewshot.sample_references(normals.get(cls, []), shots, seed)
+                    references.setdefault(cls, {})[str(seed)] = [r.image_path for r in refs]
+                    pre = preprocess_for(predictor, words, opts, spec)
+                    bank = predictor.build_bank(fewshot.load_images([r.image_path for r in refs], pre),
+                                                seed=seed, batch_size=opts.batch_size)
+                desc = f"{name}/{cls}" + (f" ({shots}-shot, seed {seed})" if shots else "")
+                maps, scores, masks = predict_records(predictor, recs, words, opts, spec,
+                                                      desc=desc, bank=bank)
+                if not is_main:  # metrics and pictures on process 0
+                    continue
+                if opts.resolution == "original":
+                    pmaps, pmasks = _original_resolution(recs, maps)
+                else:
+                    pmaps, pmasks = maps, masks
+                per_seed[seed][cls], cat_notes = category_metrics(
+                    labels, scores, pmasks, pmaps, has_masks=has_masks, fpr_limit=opts.fpr_limit)
+                if i:  # pictures and notes of the first seed
+                    continue
+                if cat_notes:
+                    notes[cls] = cat_notes
+                if opts.heatmaps_per_category:
+                    plots.save_heatmaps(out_dir / "heatmaps" / name / cls, recs, maps, masks,
+                                        opts.heatmaps_per_category, opts.image_size, scores=scores)
+                if opts.curves and has_masks:
+                    other = (curves_compare or {}).get((name, cls))
+                    drawn = plots.save_curves(out_dir / "curves" / name / f"{cls}.png", labels,
+                                              scores, masks, maps, title=f"{name} / {cls}",
+                                              name=curves_name, compare=other)
+                    if curves_out is not None:
+                        curves_out[(name, cls)] = drawn
+        if shots:
+            cats = {cls: seed_mean([per_seed[s][cls] for s in seeds]) for cls in per_seed[seeds[0]]}
+            entry = {"categories": cats, "mean": mean_metrics(cats),
+                     "per_seed": {str(s): {"categories": per_seed[s],
+                                           "mean": mean_metrics(per_seed[s])} for s in seeds}}
+            entry["mean_std"] = seed_std([entry["per_seed"][str(s)]["mean"] for s in seeds])
+            entry["references"] = references
+        else:
+            cats = per_seed[None]
+            entry = {"categories": cats, "mean": mean_metrics(cats)}
         if notes:
             entry["notes"] = notes
         if report.skipped or report.duplicates:
@@ -205,6 +252,43 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
     return results
 
 
+def _reference_pool(name: str, root, test_records: Sequence[Record], classes: tuple[str, ...],
+                    on_bad_sample: str) -> dict[str, list[Record]]:
+    """The train-split records of `classes`, per class: the few-shot references' pool. Refuses a
+    dataset whose train split shares an image with its test split (e.g. a `folder` dataset, which
+    has one set of images for every split)."""
+    train, _ = readers.read(name, root, split="train", classes=classes, on_bad_sample=on_bad_sample)
+    tests = {Path(r.image_path).resolve() for r in test_records}
+    shared = [r.image_path for r in train if Path(r.image_path).resolve() in tests]
+    if shared:
+        raise DataError(f"{name} at {root}: its train split shares {len(shared)} image(s) with the "
+                        f"test split (e.g. {shared[0]}); few-shot references must not be test "
+                        "images: use a dataset with a separate train/good split, or shots=0")
+    pool: dict[str, list[Record]] = {}
+    for r in train:
+        pool.setdefault(r.class_folder, []).append(r)
+    return pool
+
+
+def seed_mean(rows: Sequence[dict]) -> dict:
+    """Per-key mean of METRICS dicts (NaN where a key is NaN for every seed)."""
+    out = {}
+    for k in METRIC_KEYS:
+        vals = [r[k] for r in rows if not math.isnan(r[k])]
+        out[k] = float(np.mean(vals)) if vals else math.nan
+    out["num_images"] = rows[0]["num_images"]
+    return out
+
+
+def seed_std(rows: Sequence[dict]) -> dict:
+    """Per-key population standard deviation of METRICS dicts over seeds (NaN values left out)."""
+    out = {}
+    for k in METRIC_KEYS:
+        vals = [r[k] for r in rows if not math.isnan(r[k])]
+        out[k] = float(np.std(vals)) if vals else math.nan
+    return out
+
+
 def _fmt(v) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
@@ -215,7 +299,10 @@ def markdown(results: dict, other: dict | None = None, titles=("", "")) -> str:
     head = "| category | " + " | ".join(METRIC_KEYS) + " | images |"
     sep = "|---" * (len(METRIC_KEYS) + 2) + "|"
     for name, entry in results["datasets"].items():
-        lines += [f"## {name}" + (f" ({titles[0]} / {titles[1]})" if other else ""), "", head, sep]
+        shots = f" ({results['shots']}-shot, mean over seeds {results['seeds']})" if results.get(
+            "shots") else ""
+        lines += [f"## {name}" + shots + (f" ({titles[0]} / {titles[1]})" if other else ""), "",
+                  head, sep]
         rows = list(entry["categories"].items()) + [("**mean**", entry["mean"])]
         for cls, row in rows:
             o = None
@@ -224,6 +311,9 @@ def markdown(results: dict, other: dict | None = None, titles=("", "")) -> str:
                 o = src["mean"] if cls == "**mean**" else src["categories"].get(cls)
             cells = [(_fmt(row[k]) + (f" / {_fmt(o[k])}" if o else "")) for k in METRIC_KEYS]
             lines.append(f"| {cls} | " + " | ".join(cells) + f" | {row['num_images']} |")
+        if "mean_std" in entry:
+            cells = [_fmt(entry["mean_std"][k]) for k in METRIC_KEYS]
+            lines.append("| std over seeds | " + " | ".join(cells) + " | |")
         for cls, ns in entry.get("notes", {}).items():
             lines += [f"- {cls}: {n}" for n in ns]
         lines.append("")
@@ -235,7 +325,7 @@ def markdown(results: dict, other: dict | None = None, titles=("", "")) -> str:
 def run_from_config(config, workdir: str | os.PathLike, *, model: ad.ADDinoV3 | None = None,
                     results_name: str = "results", **curve_options) -> dict:
     """`addinov3 eval`: the final model of `workdir` (or `model`) on `config.eval.datasets`, on
-    the config's mesh (multi-host with `config.multihost`)."""
+    the config's mesh (multi-host with `config.multihost`); few-shot when `config.eval.shots` > 0."""
     from addinov3_jax import config as config_lib
     from addinov3_jax import train
 
@@ -265,7 +355,8 @@ def run_from_config(config, workdir: str | os.PathLike, *, model: ad.ADDinoV3 | 
                        heatmaps_per_category=config.eval.heatmaps_per_category,
                        curves=config.eval.curves, text_cache_dir=str(workdir / "text_cache"))
     return evaluate(model, datasets, workdir, opts=opts, config=json.loads(config.to_json_best_effort()),
-                    results_name=results_name, mesh=mesh, rules=rules, **curve_options)
+                    results_name=results_name, mesh=mesh, rules=rules,
+                    fewshot_config=config_lib.fewshot_config(config), **curve_options)
 
 
 def device_summary() -> str:

@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from addinov3_jax import dinov3
 from addinov3_jax.data import pipeline
 from addinov3_jax.data.records import DataError, Record, list_images
-from addinov3_jax.model import gaussian_blur, l2_normalize, upsample_bilinear
+from addinov3_jax.model import extract_taps, gaussian_blur, l2_normalize, upsample_bilinear
 
 # Views per reference image, before the extra small rotations (`rotation_angles`).
 AUGMENTS = {"none": 1, "flip": 3, "rot90": 4, "dihedral": 8}
@@ -142,11 +142,7 @@ class MemoryBank:
 @nnx.jit(static_argnames="feature_layers")
 def features(backbone: dinov3.DinoV3, images_bhwc: jax.Array, feature_layers: tuple[int, ...]):
     """L2-normalized final-normed patch tokens (L, B, N, D) of `feature_layers` (in that order)."""
-    taps = backbone.get_intermediate_layers(images_bhwc, n=feature_layers, norm=True,
-                                            return_class_token=True)
-    order = np.argsort(np.argsort(feature_layers))  # outputs come in ascending block order
-    patches = jnp.stack([taps[i][0] for i in order]).astype(jnp.float32)
-    return jax.lax.stop_gradient(l2_normalize(patches))
+    return l2_normalize(extract_taps(backbone, images_bhwc, feature_layers)[0])
 
 
 def _rotate(images_bhwc: jax.Array, degrees: float) -> jax.Array:
@@ -370,6 +366,13 @@ def predict(bank: MemoryBank, normed_patches_lbnd: jax.Array, grid: tuple[int, i
                     mesh, axes)
 
 
+def predict_features(bank_lmd: jax.Array, normed_patches_lbnd: jax.Array, grid: tuple[int, int],
+                     out_size: tuple[int, int], config: FewShotConfig = FewShotConfig()):
+    """`predict` on the bank's array (a traceable function for a caller's jitted step, e.g.
+    `inference.Predictor`, whose test features come from the head's backbone pass)."""
+    return _predict(bank_lmd, normed_patches_lbnd, tuple(grid), tuple(out_size), config, None, None)
+
+
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
 def _predict(bank_lmd, patches_lbnd, grid, out_size, config, mesh, axes):
     s = _patch_scores(bank_lmd, patches_lbnd, config.block_size, mesh, axes)
@@ -440,7 +443,9 @@ def reference_paths(directory: str | os.PathLike) -> list[Path]:
 
 def load_images(paths: Sequence[str | os.PathLike], preprocess: pipeline.Preprocess) -> np.ndarray:
     """Decoded, resized, normalized images (k, H, W, 3) through the data pipeline's `Preprocess`
-    (pass the one used for the test images, so references and tests match)."""
+    (pass the one used for the test images, so references and tests match; its class table is
+    not needed: the references carry no class)."""
+    preprocess = dataclasses.replace(preprocess, classes=(), class_name_source="readable")
     source = pipeline.RecordSource([
         Record("reference", "train", "reference", "reference", str(p), None, 0, "good")
         for p in paths])

@@ -195,15 +195,27 @@ def image_scores(maps_bhw: jax.Array, g_b2: jax.Array, mode: str) -> jax.Array:
     return {"global": glob, "max": peak, "mean_of_both": 0.5 * (glob + peak)}[mode]
 
 
-def extract_features(backbone: dinov3.DinoV3, images_bhwc: jax.Array, cfg: HeadConfig):
-    """Standardised patch tokens (L, B, N, D) and CLS tokens (L, B, D) of the tapped blocks, in
-    the order of `cfg.feature_layers`, fp32, without gradient."""
-    taps = backbone.get_intermediate_layers(images_bhwc, n=cfg.feature_layers, return_class_token=True)
-    order = np.argsort(np.argsort(cfg.feature_layers))  # outputs come in ascending block order
+def extract_taps(backbone: dinov3.DinoV3, images_bhwc: jax.Array, feature_layers: Sequence[int]):
+    """Final-normed patch tokens (L, B, N, D) and CLS tokens (L, B, D) of the tapped blocks, in
+    the order of `feature_layers`, fp32, without gradient: the one backbone pass of the head and
+    of the few-shot bank."""
+    taps = backbone.get_intermediate_layers(images_bhwc, n=feature_layers, return_class_token=True)
+    order = np.argsort(np.argsort(feature_layers))  # outputs come in ascending block order
     patches = jnp.stack([taps[i][0] for i in order]).astype(jnp.float32)
     cls = jnp.stack([taps[i][1] for i in order]).astype(jnp.float32)
-    patches = jax.vmap(lambda x: standardize(x, cfg.standardize_eps))(patches)
     return jax.lax.stop_gradient(patches), jax.lax.stop_gradient(cls)
+
+
+def extract_features(backbone: dinov3.DinoV3, images_bhwc: jax.Array, cfg: HeadConfig, *,
+                     with_taps: bool = False):
+    """Standardised patch tokens (L, B, N, D) and CLS tokens (L, B, D) of the tapped blocks, in
+    the order of `cfg.feature_layers`, fp32, without gradient; `with_taps=True` adds, from the
+    same pass, the L2-normalized final-normed patch tokens (L, B, N, D) (the few-shot features)."""
+    patches, cls = extract_taps(backbone, images_bhwc, cfg.feature_layers)
+    standardized = jax.vmap(lambda x: standardize(x, cfg.standardize_eps))(patches)
+    if with_taps:
+        return standardized, cls, l2_normalize(patches)
+    return standardized, cls
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,16 +277,18 @@ class ADDinoV3(nnx.Module):
 
 
 def predict_step(backbone: dinov3.DinoV3, adapters: dict[str, jax.Array], images_bhwc: jax.Array,
-                 text_be2: jax.Array, cfg: HeadConfig) -> tuple[jax.Array, jax.Array]:
+                 text_be2: jax.Array, cfg: HeadConfig, *, with_taps: bool = False):
     """The one inference computation (eval, predict, `ADDinoV3.predict`): pixel maps (B, H, W)
-    and image scores (B,) of normalised images and their classes' (E, 2) prototypes."""
+    and image scores (B,) of normalised images and their classes' (E, 2) prototypes;
+    `with_taps=True` also returns the unit-norm tapped patch tokens (L, B, N, D) of the same
+    backbone pass (the queries of a few-shot memory bank)."""
     p = backbone.config.patch_size
     grid = (images_bhwc.shape[1] // p, images_bhwc.shape[2] // p)
-    patches, cls = extract_features(backbone, images_bhwc, cfg)
+    patches, cls, *taps = extract_features(backbone, images_bhwc, cfg, with_taps=with_taps)
     maps, g = anomaly_map(adapters, patches, cls, text_be2, grid, images_bhwc.shape[1:3], cfg)
     if cfg.smoothing_sigma > 0:
         maps = gaussian_blur(maps, cfg.smoothing_sigma)
-    return maps, image_scores(maps, g, cfg.image_score)
+    return (maps, image_scores(maps, g, cfg.image_score), *taps)
 
 
 @nnx.jit(static_argnums=(4,))

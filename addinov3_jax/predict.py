@@ -17,6 +17,11 @@ often peak near 1e-2); the heatmaps are therefore drawn once all maps are known.
 0..1 (comparable across runs, drawn per batch). The scale used is printed on every colour bar and
 stored in `scores.json`.
 
+Few-shot (`reference`): a folder of normal images of the class becomes a memory bank (same
+preprocessing as the inputs), and every map and score is fused with the few-shot branch
+(`fewshot.fuse`; with "add" the values lie in [0, 2], so prefer the "run" colour scale);
+`scores.json` records the reference folder, count and settings.
+
 The class's text prototypes are cached on disk (`text_cache_dir`), so the 420 prompts are encoded
 once per class, not once per run.
 """
@@ -33,9 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
+from addinov3_jax import fewshot, plots
 from addinov3_jax import model as ad
-from addinov3_jax import plots
-from addinov3_jax.data.pipeline import preprocess_image
+from addinov3_jax.data.pipeline import Preprocess, preprocess_image
 from addinov3_jax.data.records import IMAGE_SUFFIXES, DataError, decode_image
 from addinov3_jax.inference import Predictor, default_mesh, gather
 
@@ -112,10 +117,13 @@ def resize_map(amap: np.ndarray, height: int, width: int) -> np.ndarray:
 def predict(model: ad.ADDinoV3, inputs, class_name: str, output: str | os.PathLike, *,
             image_size: int = 512, batch_size: int = 8, save_maps: bool = False,
             scale: str = "run", text_cache_dir: str | os.PathLike | None = None,
-            mesh=None) -> Prediction:
+            mesh=None, reference: str | os.PathLike | None = None,
+            fewshot_config: fewshot.FewShotConfig | None = None) -> Prediction:
     """Maps and scores for `inputs` (files / folders); see the module docstring for the outputs.
 
     Runs `inference.Predictor` on `mesh` (default: the devices that split `batch_size` evenly).
+    `reference`: a folder of normal images of the class; their memory bank (settings:
+    `fewshot_config`, default `FewShotConfig()`) is fused with every prediction.
 
     Raises `DataError` (after writing `scores.json`) when no input could be read.
     """
@@ -132,7 +140,17 @@ def predict(model: ad.ADDinoV3, inputs, class_name: str, output: str | os.PathLi
     if scale == "run":
         pending.mkdir(exist_ok=True)
     cfg = model.backbone.config
-    predictor = Predictor(model, mesh or default_mesh(batch_size))
+    predictor = Predictor(model, mesh or default_mesh(batch_size), fewshot_config=fewshot_config)
+    bank, ref_info = None, None
+    if reference is not None:
+        refs = fewshot.reference_paths(reference)
+        pre = Preprocess(size=(image_size, image_size), mean=tuple(cfg.pixel_mean),
+                         std=tuple(cfg.pixel_std))
+        bank = predictor.build_bank(fewshot.load_images(refs, pre), batch_size=batch_size)
+        fs = predictor.fewshot
+        ref_info = {"folder": str(reference), "count": len(refs), "augment": fs.augment,
+                    "fusion": fs.fusion, "fusion_weight": fs.fusion_weight,
+                    "bank_rows": bank.rows, "images": [str(p) for p in refs]}
     # (1, E, 2), once per class (cached on disk); nothing to encode when no input is an image.
     table = predictor.text_table([class_name], cache_dir=text_cache_dir) if paths else None
     class_ids = np.zeros(batch_size, np.int32)
@@ -160,7 +178,7 @@ def predict(model: ad.ADDinoV3, inputs, class_name: str, output: str | os.PathLi
                 # Pad to a full batch so every call has the same shape (one compilation).
                 if len(chunk) < batch_size:
                     batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(chunk), 0)])
-                maps, scores = predictor(batch, class_ids, table)
+                maps, scores = predictor(batch, class_ids, table, bank=bank)
                 maps = gather(maps).astype(np.float32)[: len(chunk)]
                 scores = gather(scores)[: len(chunk)]
                 batch_rows = []
@@ -193,7 +211,7 @@ def predict(model: ad.ADDinoV3, inputs, class_name: str, output: str | os.PathLi
         (out / "scores.json").write_text(json.dumps({
             "class_name": class_name, "image_score": model.config.image_score,
             "scale": {"mode": scale, "min": used[0], "max": used[1]}, "complete": complete,
-            "images": rows, "skipped": skipped}, indent=2) + "\n")
+            "reference": ref_info, "images": rows, "skipped": skipped}, indent=2) + "\n")
     if not rows:
         first = skipped[0] if skipped else {"image": "-", "error": "no input"}
         raise DataError(f"none of the {len(skipped)} input(s) could be read (first: {first['image']}: "

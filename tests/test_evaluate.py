@@ -125,6 +125,17 @@ def test_demo_end_to_end_quick(tmp_path):
         untrained["datasets"]["synthetic"]["categories"])
     assert "trained / untrained" in (tmp_path / "results.md").read_text()
     assert list((tmp_path / "heatmaps" / "synthetic").rglob("*.png"))
+    # Few-shot: 1 and 4 shots over seeds (0, 1, 2), same schema, side by side in results.md.
+    report = json.loads((tmp_path / "demo_report.json").read_text())
+    for k in (1, 4):
+        fs = json.loads((tmp_path / f"results_{k}shot.json").read_text())
+        assert fs["shots"] == k and fs["seeds"] == [0, 1, 2]
+        entry = fs["datasets"]["synthetic"]
+        assert set(entry["categories"]) == held_out and set(entry["per_seed"]) == {"0", "1", "2"}
+        assert all(len(p) == k for per in entry["references"].values() for p in per.values())
+        assert report["fewshot"][f"{k}_shot"]["mean"]["pixel_auroc"] == entry["mean"]["pixel_auroc"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| pixel AUROC |" in md and "4-shot" in md and "zero-shot" in md
 
 
 def test_demo_with_converted_towers(tiny, tmp_path):
@@ -133,7 +144,7 @@ def test_demo_with_converted_towers(tiny, tmp_path):
     ad.save(tiny, tmp_path / "towers")  # converted backbone/ and text_tower/ directories
     assert demo.run(workdir=str(tmp_path / "run"), quick=True, image_size=64,
                     dinov3=str(tmp_path / "towers" / "backbone"),
-                    clip_text=str(tmp_path / "towers" / "text_tower")) == 0
+                    clip_text=str(tmp_path / "towers" / "text_tower"), shots=()) == 0
     spec = json.loads((tmp_path / "run" / "train" / "model" / "model.json").read_text())
     assert spec["backbone"].endswith("towers/backbone")  # referenced, not copied
     assert json.loads((tmp_path / "run" / "results.json").read_text())["config"]["model"][

@@ -64,16 +64,18 @@ def test_unreadable_inputs_are_skipped_and_reported(model_dir, tmp_path, capsys)
 def test_crash_keeps_finished_batches(model_dir, tmp_path, monkeypatch):
     folder = images(tmp_path / "in", n=4)
     model = predict.load_model(model_dir)
-    calls = []
-    real = model.predict
+    from addinov3_jax import inference
 
-    def flaky(*a, **kw):
+    calls = []
+    real = inference.Predictor.__call__
+
+    def flaky(self, *a, **kw):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("device lost")
-        return real(*a, **kw)
+        return real(self, *a, **kw)
 
-    monkeypatch.setattr(model, "predict", flaky)
+    monkeypatch.setattr(inference.Predictor, "__call__", flaky)
     with pytest.raises(RuntimeError, match="device lost"):
         predict.predict(model, [folder], "widget", tmp_path / "out", image_size=32, batch_size=2,
                         save_maps=True)

@@ -1,0 +1,188 @@
+"""Few-shot evaluation and prediction: shots=0 is the zero-shot path bitwise, references come from
+the train split only, the results schema (shots, seeds, per_seed, mean_std), the one-pass
+Predictor step, the config fields, and `predict --reference`."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from addinov3_jax import clip_text, dinov3, evaluate, fewshot, inference
+from addinov3_jax import config as config_lib
+from addinov3_jax import model as ad
+from addinov3_jax.data import readers, synthetic
+from addinov3_jax.data.records import DataError
+
+OPTS = evaluate.EvalOptions(image_size=64, batch_size=8, heatmaps_per_category=0, curves=False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    backbone = dinov3.create("tiny", rngs=nnx.Rngs(0))
+    text = clip_text.create("tiny", rngs=nnx.Rngs(1))
+    return ad.ADDinoV3(backbone, text, ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fseval") / "synthetic"
+    return synthetic.generate(root, categories=("pill", "weave"), size=64, normal=2, per_defect=1,
+                              train_normal=3)
+
+
+def _numbers(results):
+    return json.dumps(results["datasets"], sort_keys=True)
+
+
+def test_shots_zero_is_the_zero_shot_path_bitwise(tiny, syn, tmp_path):
+    data = [("synthetic", str(syn), ("pill", "weave"))]
+    plain = evaluate.evaluate(tiny, data, tmp_path / "plain", opts=OPTS)
+    zero = evaluate.evaluate(tiny, data, tmp_path / "zero", opts=OPTS,
+                             fewshot_config=fewshot.FewShotConfig(shots=0, seeds=(3, 4)))
+    assert _numbers(plain) == _numbers(zero)
+    assert zero["shots"] == 0 and "seeds" not in zero
+    assert "per_seed" not in zero["datasets"]["synthetic"]
+
+
+def _old_predict_step(backbone, adapters, images, text_be2, cfg):
+    """The zero-shot step as it was before the few-shot taps were added (a frozen copy)."""
+    taps = backbone.get_intermediate_layers(images, n=cfg.feature_layers, return_class_token=True)
+    order = np.argsort(np.argsort(cfg.feature_layers))
+    patches = jnp.stack([taps[i][0] for i in order]).astype(jnp.float32)
+    cls = jnp.stack([taps[i][1] for i in order]).astype(jnp.float32)
+    patches = jax.vmap(lambda x: ad.standardize(x, cfg.standardize_eps))(patches)
+    patches, cls = jax.lax.stop_gradient(patches), jax.lax.stop_gradient(cls)
+    grid = (images.shape[1] // 16, images.shape[2] // 16)
+    maps, g = ad.anomaly_map(adapters, patches, cls, text_be2, grid, images.shape[1:3], cfg)
+    return maps, ad.image_scores(maps, g, cfg.image_score)
+
+
+def test_one_backbone_pass_step(tiny, rng):
+    images = rng.standard_normal((8, 64, 64, 3)).astype(np.float32)
+    refs = rng.standard_normal((3, 64, 64, 3)).astype(np.float32)
+    cfg = tiny.config
+    text = jnp.asarray(rng.standard_normal((8, tiny.text_dim, 2)), jnp.float32)
+    adapters = ad.trainable_params(tiny)
+    step = nnx.jit(ad.predict_step, static_argnames=("cfg", "with_taps"))
+    new_maps, new_scores = step(tiny.backbone, adapters, images, text, cfg=cfg)
+    old_maps, old_scores = nnx.jit(_old_predict_step, static_argnames="cfg")(
+        tiny.backbone, adapters, images, text, cfg=cfg)
+    np.testing.assert_array_equal(new_maps, old_maps)  # the zero-shot outputs, bitwise
+    np.testing.assert_array_equal(new_scores, old_scores)
+    *_, taps = step(tiny.backbone, adapters, images, text, cfg=cfg, with_taps=True)
+    np.testing.assert_allclose(taps, fewshot.features(tiny.backbone, images, cfg.feature_layers),
+                               atol=1e-6)
+
+    # The Predictor's fused step: few-shot only ("none") = fewshot.predict on standalone features.
+    fs = fewshot.FewShotConfig(fusion="none", smoothing_sigma=2.0)
+    pred = inference.Predictor(tiny, inference.default_mesh(8), fewshot_config=fs)
+    bank = pred.build_bank(refs, seed=0, batch_size=8)
+    ref_bank = fewshot.build_bank(tiny.backbone, refs, cfg.feature_layers, fs)
+    assert bank.rows == ref_bank.rows == 3 * 16 and bank.shots == 3
+    np.testing.assert_allclose(bank.features_lmd, ref_bank.features_lmd, atol=1e-6)
+    table = pred.text_table(["object"])
+    ids = np.zeros(8, np.int32)
+    maps, scores = pred(images, ids, table, bank=bank)
+    want = fewshot.predict(ref_bank, fewshot.features(tiny.backbone, images, cfg.feature_layers),
+                           (4, 4), (64, 64), fs)
+    np.testing.assert_allclose(maps, want[0], atol=1e-5)
+    np.testing.assert_allclose(scores, want[1], atol=1e-5)
+    # A bank's own images have (almost) nothing anomalous.
+    own_maps, _ = pred(np.concatenate([refs, images[:5]]), ids, table, bank=bank)
+    assert float(np.abs(np.asarray(own_maps)[:3]).max()) < 1e-4
+
+
+def test_eval_with_shots_writes_the_schema_and_train_references(tiny, syn, tmp_path):
+    fs = fewshot.FewShotConfig(shots=1, seeds=(0, 1))
+    r = evaluate.evaluate(tiny, [("synthetic", str(syn), ("pill", "weave"))], tmp_path, opts=OPTS,
+                          fewshot_config=fs)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["shots"] == 1 and saved["seeds"] == [0, 1]
+    entry = saved["datasets"]["synthetic"]
+    assert set(entry) >= {"categories", "mean", "per_seed", "mean_std", "references"}
+    assert set(entry["per_seed"]) == {"0", "1"}
+    for cls in ("pill", "weave"):
+        rows = [entry["per_seed"][s]["categories"][cls] for s in ("0", "1")]
+        for k in evaluate.METRIC_KEYS:
+            assert entry["categories"][cls][k] == pytest.approx(np.mean([row[k] for row in rows]))
+    means = [entry["per_seed"][s]["mean"]["pixel_auroc"] for s in ("0", "1")]
+    assert entry["mean_std"]["pixel_auroc"] == pytest.approx(np.std(means))
+    assert set(entry["mean"]) == set(evaluate.METRIC_KEYS) | {"num_images"}
+    # The references: one train/good image per class and seed, never a test image.
+    tests = {rec.image_path for rec in readers.read("synthetic", syn, split="test")[0]}
+    for cls, per in entry["references"].items():
+        assert set(per) == {"0", "1"}
+        for paths in per.values():
+            assert len(paths) == 1
+            assert Path(paths[0]).parent == Path(syn).resolve() / cls / "train" / "good"
+            assert paths[0] not in tests
+    assert r["datasets"]["synthetic"]["mean"] == entry["mean"]
+    assert "1-shot" in (tmp_path / "results.md").read_text()
+
+
+def test_folder_dataset_refuses_test_images_as_references(tiny, tmp_path):
+    for sub in ("normal", "anomalous"):
+        for i in range(2):
+            img = (np.random.default_rng(i).random((32, 32, 3)) * 255).astype(np.uint8)
+            path = tmp_path / "data" / "part" / sub / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(path)
+    with pytest.raises(DataError, match="shares 4 image"):
+        evaluate.evaluate(tiny, [("folder", str(tmp_path / "data"))], tmp_path / "out", opts=OPTS,
+                          fewshot_config=fewshot.FewShotConfig(shots=1))
+
+
+def test_config_fields(tmp_path):
+    assert config_lib.ENUMS["eval.fewshot.augment"] == tuple(fewshot.AUGMENTS)
+    assert config_lib.ENUMS["eval.fewshot.image_score"] == fewshot.IMAGE_SCORES
+    assert config_lib.ENUMS["eval.fewshot.fusion"] == fewshot.FUSIONS
+    assert config_lib.ENUMS["eval.fewshot.bank_dtype"] == fewshot.BANK_DTYPES
+    c = config_lib.demo_config()
+    assert config_lib.fewshot_config(c).shots == 0
+    c.eval.shots, c.eval.shot_seeds = 4, (0, 1, 2)
+    c.eval.fewshot.fusion_weight = 2.0
+    fs = config_lib.fewshot_config(config_lib.validate(c))
+    assert (fs.shots, fs.seeds, fs.fusion_weight) == (4, (0, 1, 2), 2.0)
+    for field, value, match in (("augment", "mirror", "eval.fewshot.augment='mirror' is not one of"),
+                                ("coreset_ratio", 1.5, "eval.fewshot.coreset_ratio must be in"),
+                                ("smoothing_sigma", -1.0, "eval.fewshot.smoothing_sigma=-1.0")):
+        bad = config_lib.demo_config()
+        bad.eval.fewshot[field] = value
+        with pytest.raises(config_lib.ConfigError, match=match):
+            config_lib.validate(bad)
+    bad = config_lib.demo_config()
+    bad.eval.shot_seeds = ()
+    with pytest.raises(config_lib.ConfigError, match="eval.shot_seeds"):
+        config_lib.validate(bad)
+    from addinov3_jax.cli import load_config
+
+    demo = str(Path(__file__).parents[1] / "configs" / "demo.py")
+    c = load_config(demo, ["--config.eval.shots=2", "--config.eval.shot_seeds=(0,1,2)"])
+    assert config_lib.fewshot_config(c).seeds == (0, 1, 2) and c.eval.shots == 2
+    with pytest.raises(config_lib.ConfigError, match="eval.shots"):
+        load_config(demo, ["--config.eval.shots=-1"])
+
+
+def test_predict_with_reference_folder(tiny, syn, tmp_path, capsys):
+    ad.save(tiny, tmp_path / "model")
+    from addinov3_jax.cli import main
+
+    out = tmp_path / "out"
+    args = ["predict", "--checkpoint", str(tmp_path / "model"), "--class-name", "pill", "--output",
+            str(out), "--image-size", "64", "--batch-size", "2", "--save-maps"]
+    test_dir = syn / "pill" / "test" / "crack"
+    assert main([*args, "--reference", str(syn / "pill" / "train" / "good"), "--augment", "flip",
+                 str(test_dir)]) == 0
+    assert "memory bank" in capsys.readouterr().out
+    meta = json.loads((out / "scores.json").read_text())
+    assert meta["reference"]["count"] == 3 and meta["reference"]["augment"] == "flip"
+    assert meta["reference"]["bank_rows"] == 3 * 3 * 16
+    assert len(meta["images"]) == 1 and len(list((out / "maps").glob("*.npy"))) == 1
+    assert list((out / "heatmaps").glob("*.png"))
+    assert main([*args, "--fusion", "none", str(test_dir)]) == 2  # --fusion needs --reference
+    assert "need --reference" in capsys.readouterr().err
