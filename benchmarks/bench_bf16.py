@@ -77,8 +77,8 @@ def main():
         m = towers(dtype)
         ad.set_trainable_params(m, params)
         text = jnp.asarray(m.text_features(["object"]))
-        maps, scores = ad._predict(m, jnp.asarray(test["image"]),
-                                   jnp.broadcast_to(text, (len(test["label"]), *text.shape[1:])))
+        maps, scores = m.predict(jnp.asarray(test["image"]), "object",
+                                 text_be2=jnp.broadcast_to(text, (len(test["label"]), *text.shape[1:])))
         results[name] = (np.asarray(maps), np.asarray(scores))
     (a, sa), (b, sb) = results["fp32"], results["bf16"]
     print("distinct image scores: fp32", len(np.unique(sa)), "bf16", len(np.unique(sb)),

@@ -81,7 +81,7 @@ def test_bf16_maps_and_metrics_match_fp32(tmp_path):
         o = ad.head(ad.trainable_params(m), *feats, text, (8, 8), (128, 128), m.config)
         loss = losses.total(o, jnp.asarray(test["mask"]), jnp.asarray(test["label"]))["loss"]
         assert loss.dtype == jnp.float32 and np.isfinite(float(loss))  # the loss stays fp32
-        maps, scores = ad._predict(m, jnp.asarray(test["image"]), text)
+        maps, scores = m.predict(jnp.asarray(test["image"]), "object", text_be2=text)
         out[name] = np.asarray(maps), np.asarray(scores), float(loss)
 
     (m32, s32, l32), (m16, s16, l16) = out["fp32"], out["bf16"]
