@@ -18,8 +18,12 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps $(VOCAB_PKG)
 	touch $@
 
+# The vocabulary wheel's undeclared dependencies would make pip's resolver print an ERROR on any
+# later install: take it out while the extras go in, then put it back (without dependencies).
 $(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip uninstall --disable-pip-version-check -q -y open_clip_torch
 	$(PIP) -e '.[test,dev]'
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps $(VOCAB_PKG)
 	touch $@
 
 install: $(VENV)/.installed

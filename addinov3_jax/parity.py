@@ -198,15 +198,8 @@ def dinov3(*, source=None, random_variant=None, image_size=(224, 224), seed=0, b
 
     names = ["cls", "registers", "patches", "prenorm",
              *(f"block {i} (normed)" for i in range(cfg.depth))]
-    ours = outputs(model)
-    title = f"{title}, input {batch}x{h}x{w}"
-    ok = print_table(title, _rows(names, ours, reference),
-                     atol or DEFAULT_ATOL["dinov3"])
-    if dtype == "bfloat16":
-        low = outputs(_as_bfloat16(model))
-        ok = _bf16_tables(title, _rows(names, low, reference),
-                          _rows(names, low, ours), bf16_rtol) and ok
-    return ok
+    return _compare(f"{title}, input {batch}x{h}x{w}", names, outputs, model, reference,
+                    atol or DEFAULT_ATOL["dinov3"], dtype, bf16_rtol)
 
 
 def clip_text(*, source=None, random_variant=None, activation="quick_gelu", seed=0,
@@ -257,11 +250,17 @@ def clip_text(*, source=None, random_variant=None, activation="quick_gelu", seed
             o = m(ids, return_hidden=True)
         return [np.asarray(g, np.float32) for g in (*o["hidden"], o["pooled"], o["projected"])]
 
+    return _compare(title, names, outputs, model, reference, atol or DEFAULT_ATOL["clip-text"],
+                    dtype, bf16_rtol)
+
+
+def _compare(title, names, outputs, model, reference, atol, dtype, bf16_rtol) -> bool:
+    """The fp32 table of `outputs(model)` against `reference`; with bf16, the two bf16 tables
+    (against the reference and against our fp32). True when every table passes."""
     ours = outputs(model)
-    ok = print_table(title, _rows(names, ours, reference),
-                     atol or DEFAULT_ATOL["clip-text"])
+    ok = print_table(title, _rows(names, ours, reference), atol)
     if dtype == "bfloat16":
         low = outputs(_as_bfloat16(model))
-        ok = _bf16_tables(title, _rows(names, low, reference),
-                          _rows(names, low, ours), bf16_rtol) and ok
+        ok = _bf16_tables(title, _rows(names, low, reference), _rows(names, low, ours),
+                          bf16_rtol) and ok
     return ok
