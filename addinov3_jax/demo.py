@@ -47,9 +47,9 @@ def run(workdir: str = "demo_out", seed: int = 0, *, dinov3: str | None = None,
     cfg.eval.datasets.synthetic.root = str(root)
     if dinov3:
         cfg.model.backbone = dinov3
-        from addinov3_jax import dinov3 as d3
+        from addinov3_jax import towers
 
-        depth = d3.load(dinov3).config.depth
+        depth = towers.backbone_config(cfg.model).depth  # metadata only, no weights read
         cfg.model.feature_layers = tuple(depth * (i + 1) // 4 - 1 for i in range(4))
     if clip_text:  # real text features: class names mean something again
         cfg.model.text_tower = clip_text
@@ -64,7 +64,10 @@ def run(workdir: str = "demo_out", seed: int = 0, *, dinov3: str | None = None,
     print(f"demo: training on {', '.join(cfg.data.classes)} "
           f"({evaluate.device_summary()}, backbone {cfg.model.backbone}, text {cfg.model.text_tower})")
     summary = train.train(cfg, workdir / "train")
-    trained = ad.load(workdir / "train" / "model")
+    from addinov3_jax import sharding
+
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    trained = ad.load(workdir / "train" / "model", mesh=mesh, rules=cfg.mesh.rules)
     untrained = ad.ADDinoV3(trained.backbone, trained.text_tower, trained.config,
                             rngs=nnx.Rngs(seed + 2))  # the adapters training started from
 
