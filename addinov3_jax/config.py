@@ -106,6 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.fewshot.smoothing_sigma = 4.0
     c.eval.fewshot.fusion = "add"
     c.eval.fewshot.fusion_weight = 1.0
+    c.eval.fewshot.shard_bank = False  # True: bank rows split over the mesh (large banks)
     return c
 
 

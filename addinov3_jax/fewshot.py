@@ -70,6 +70,9 @@ class FewShotConfig:
     image_score: "mean_top" (mean of the top `top_fraction` of patch scores) or "max".
     smoothing_sigma: Gaussian smoothing of the few-shot map in pixels (PatchCore: 4; 0 = off).
     fusion: "add" (zero-shot + fusion_weight * normalized few-shot) or "none" (few-shot only).
+    shard_bank: split the bank's rows over every device of the mesh (for banks too large to
+      replicate): each device compares all test patches with its rows, then a max across
+      devices; default False: the bank is replicated and the test patches stay batch-split.
     """
 
     shots: int = 0
@@ -85,6 +88,7 @@ class FewShotConfig:
     smoothing_sigma: float = 4.0
     fusion: str = "add"
     fusion_weight: float = 1.0
+    shard_bank: bool = False
 
     def __post_init__(self):
         _choice("augment", self.augment, AUGMENTS)
@@ -253,8 +257,9 @@ def shard_bank(bank: MemoryBank, mesh: Mesh, axes: str | tuple[str, ...] | None 
     all axes) along its rows; query it with `patch_scores(..., mesh=mesh, axes=axes)`."""
     axes = tuple(mesh.axis_names) if axes is None else (axes,) if isinstance(axes, str) else axes
     shards = int(np.prod([mesh.shape[a] for a in axes]))
-    feats = _pad_rows(bank.features_lmd, -(-bank.features_lmd.shape[1] // shards) * shards)
-    feats = jax.device_put(feats, NamedSharding(mesh, PartitionSpec(None, axes, None)))
+    feats = np.asarray(_pad_rows(bank.features_lmd, -(-bank.features_lmd.shape[1] // shards) * shards))
+    target = NamedSharding(mesh, PartitionSpec(None, axes, None))  # every process: its rows
+    feats = jax.make_array_from_callback(feats.shape, target, lambda idx: feats[idx])
     return dataclasses.replace(bank, features_lmd=feats)
 
 
@@ -367,10 +372,12 @@ def predict(bank: MemoryBank, normed_patches_lbnd: jax.Array, grid: tuple[int, i
 
 
 def predict_features(bank_lmd: jax.Array, normed_patches_lbnd: jax.Array, grid: tuple[int, int],
-                     out_size: tuple[int, int], config: FewShotConfig = FewShotConfig()):
+                     out_size: tuple[int, int], config: FewShotConfig = FewShotConfig(), *,
+                     mesh: Mesh | None = None):
     """`predict` on the bank's array (a traceable function for a caller's jitted step, e.g.
-    `inference.Predictor`, whose test features come from the head's backbone pass)."""
-    return _predict(bank_lmd, normed_patches_lbnd, tuple(grid), tuple(out_size), config, None, None)
+    `inference.Predictor`, whose test features come from the head's backbone pass); with `mesh`,
+    the bank is `shard_bank(bank, mesh)`'s (rows over all axes)."""
+    return _predict(bank_lmd, normed_patches_lbnd, tuple(grid), tuple(out_size), config, mesh, None)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))

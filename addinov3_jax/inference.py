@@ -67,8 +67,8 @@ class Predictor:
         self._step = jax.jit(functools.partial(_step, graphdef=self.graphdef, cfg=model.config),
                              out_shardings=out)
         self._fewshot_step = jax.jit(functools.partial(
-            _fewshot_step, graphdef=self.graphdef, cfg=model.config, fs=self.fewshot),
-            out_shardings=out)
+            _fewshot_step, graphdef=self.graphdef, cfg=model.config, fs=self.fewshot,
+            bank_mesh=self.mesh if self.fewshot.shard_bank else None), out_shardings=out)
         self._taps = jax.jit(functools.partial(_taps, graphdef=self.graphdef,
                                                layers=model.config.feature_layers),
                              out_shardings=sharding.batch_sharding(self.mesh, rules, 4, axis=1))
@@ -129,6 +129,8 @@ class Predictor:
                 parts.append(gather(taps)[:, : len(chunk)])
             views.append(jnp.asarray(np.concatenate(parts, axis=1)))
         bank = fewshot.bank_from_features(views, self.fewshot, shots=len(refs), seed=seed)
+        if self.fewshot.shard_bank:  # rows split over every device of the mesh
+            return fewshot.shard_bank(bank, self.mesh)
         replicated = NamedSharding(self.mesh, PartitionSpec())
         feats = np.asarray(bank.features_lmd)
         return dataclasses.replace(bank, features_lmd=jax.make_array_from_callback(
@@ -140,13 +142,15 @@ def _step(backbone_state, adapters, images, class_ids, table, *, graphdef, cfg):
     return ad.predict_step(backbone, adapters, images, table[class_ids], cfg)
 
 
-def _fewshot_step(backbone_state, adapters, images, class_ids, table, bank_lmd, *, graphdef, cfg, fs):
+def _fewshot_step(backbone_state, adapters, images, class_ids, table, bank_lmd, *, graphdef, cfg, fs,
+                  bank_mesh):
     backbone = nnx.merge(graphdef, backbone_state)
     maps, scores, taps = ad.predict_step(backbone, adapters, images, table[class_ids], cfg,
                                          with_taps=True)
     p = backbone.config.patch_size
     grid = (images.shape[1] // p, images.shape[2] // p)
-    fs_maps, fs_scores = fewshot.predict_features(bank_lmd, taps, grid, images.shape[1:3], fs)
+    fs_maps, fs_scores = fewshot.predict_features(bank_lmd, taps, grid, images.shape[1:3], fs,
+                                                  mesh=bank_mesh)
     return fewshot.fuse(maps, scores, fs_maps, fs_scores, fs.fusion, fs.fusion_weight)
 
 

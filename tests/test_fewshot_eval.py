@@ -125,6 +125,21 @@ def test_eval_with_shots_writes_the_schema_and_train_references(tiny, syn, tmp_p
     assert "1-shot" in (tmp_path / "results.md").read_text()
 
 
+def test_sharded_bank_equals_replicated_bank(tiny, syn, tmp_path):
+    """`shard_bank=True` splits the bank's rows over the 8 devices: same metrics within 1e-6."""
+    from addinov3_jax import sharding
+
+    runs = {}
+    for shard in (False, True):
+        fs = fewshot.FewShotConfig(shots=2, seeds=(0,), shard_bank=shard)
+        runs[shard] = evaluate.evaluate(tiny, [("synthetic", str(syn), ("pill",))],
+                                        tmp_path / str(shard), opts=OPTS, fewshot_config=fs,
+                                        mesh=sharding.make_mesh(8, 1, 1))
+    a, b = (runs[k]["datasets"]["synthetic"]["categories"]["pill"] for k in (False, True))
+    for k in evaluate.METRIC_KEYS:
+        assert b[k] == pytest.approx(a[k], abs=1e-6), k
+
+
 def test_folder_dataset_refuses_test_images_as_references(tiny, tmp_path):
     for sub in ("normal", "anomalous"):
         for i in range(2):
