@@ -107,7 +107,11 @@ def plan(config) -> dict[str, Any]:
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:8.3f} GiB"
+    """Bytes in GiB, or MiB / KiB below one GiB (printed tables only; JSON keeps bytes)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:8.3f} {unit}"
+    return f"{n / 2**10:8.3f} KiB"
 
 
 def table(p: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from addinov3_jax import clip_text, dinov3, sharding
+from addinov3_jax import checkpoint_io, clip_text, dinov3, sharding
 from addinov3_jax import model as ad
 
 
@@ -54,6 +54,9 @@ def backbone_config(m) -> dinov3.Config:
         return dinov3.get_config(m.backbone)
     from addinov3_jax.weight_conversion import dinov3 as conv
 
+    if checkpoint_io.is_converted(m.backbone):  # metadata only: no weights read, no checksums
+        meta = checkpoint_io.read_metadata(m.backbone, conv.ARCHITECTURE, verify=False)
+        return dinov3.Config.from_dict(meta["config"])
     return conv.open_any(m.backbone)[0]
 
 
@@ -74,6 +77,9 @@ def text_dim(m) -> int:
         return clip_text.get_config(m.text_tower).embed_dim
     from addinov3_jax.weight_conversion import clip_text as conv
 
+    if checkpoint_io.is_converted(m.text_tower):
+        meta = checkpoint_io.read_metadata(m.text_tower, conv.ARCHITECTURE, verify=False)
+        return int(meta["config"]["embed_dim"])
     return conv.open_any(m.text_tower)[0].embed_dim
 
 
