@@ -178,6 +178,7 @@ ENUMS = {
     "model.class_name_source": ("readable", "path", "fixed"),
     "model.image_score": ("global", "max", "mean_of_both"),
     "model.compute_dtype": ("float32", "bfloat16"),
+    "model.text_activation": ("gelu", "quick_gelu", ""),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention_impl": ("auto", "xla", "cudnn", "splash"),
     "data.source": ("raw", "tfds"),
@@ -219,6 +220,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for field in NON_NEGATIVE:
         if not _get(c, field) >= 0:
             raise ConfigError(f"config field {field}={_get(c, field)!r} must be >= 0")
+    if not c.train.warmup_fraction <= 1:
+        raise ConfigError(f"config field train.warmup_fraction={c.train.warmup_fraction!r} must "
+                          "be between 0 and 1")
     if not c.data.worker_count >= -1:
         raise ConfigError(f"config field data.worker_count={c.data.worker_count!r} must be >= 0 "
                           "(or -1: from the host's cores)")

@@ -159,7 +159,8 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
              curves_name: str = "", fewshot_config: fewshot.FewShotConfig | None = None) -> dict:
     """Evaluates `model` on each `(dataset name, root)` or `(name, root, classes)`, on `mesh`
     (default: `inference.default_mesh(batch_size)`); process 0 writes `{results_name}.json`, `.md`,
-    `heatmaps/` and `curves/` under `out_dir`. Returns the results dict (on every process).
+    `heatmaps/` and `curves/` under `out_dir`. Returns the results dict (complete on process 0;
+    the other processes take part in the computation and return the skeleton).
 
     `fewshot_config` with `shots` > 0 evaluates few-shot (see the module docstring); None or
     `shots=0` is the zero-shot evaluation.
@@ -341,7 +342,14 @@ def run_from_config(config, workdir: str | os.PathLike, *, model: ad.ADDinoV3 | 
         if not (workdir / "model" / ad.MODEL_FILE).is_file():
             raise FileNotFoundError(f"{workdir / 'model'}: no trained model; run `addinov3 train` "
                                     "with the same --workdir first")
-        model = ad.load(workdir / "model", mesh=mesh, rules=rules)
+        from addinov3_jax import towers
+
+        # The towers as configured (dtypes, attention), the inference-time head choices of the
+        # config; the text activation the adapters were trained with comes from model.json.
+        model = ad.load(workdir / "model", mesh=mesh, rules=rules,
+                        tower_options=towers.tower_options(config.model),
+                        image_score=config.model.image_score,
+                        smoothing_sigma=config.model.smoothing_sigma)
     else:
         model = place_model(model, mesh, rules)
     datasets = []

@@ -115,6 +115,10 @@ def attention(
     """
     backend = attention_backend(q, implementation)
     if backend == "splash":
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty and mesh.size > 1:  # a Mosaic kernel is not partitioned automatically
+            raise ValueError(f"attention_impl='splash' runs on one device; this mesh has "
+                             f"{mesh.size}: use attention_impl='auto' (or 'xla') on a mesh")
         return _splash_attention(q, k, v, causal=causal)
     if backend == "xla" and jax.default_backend() == "cpu":
         return _attention_heads_major(q, k, v, causal=causal)

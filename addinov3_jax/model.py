@@ -320,7 +320,7 @@ def set_trainable_params(model: ADDinoV3, params: dict[str, jax.Array]) -> None:
 
 
 def save(model: ADDinoV3, directory: str | os.PathLike, *, backbone: str | None = None,
-         text_tower: str | None = None) -> Path:
+         text_tower: str | None = None, text_activation: str | None = None) -> Path:
     """Writes a model directory: `adapters/`, `model.json` and, unless paths to existing converted
     directories are given (then referenced by absolute path), `backbone/` and `text_tower/` (so
     the directory is self-contained). An existing model directory is replaced as a whole."""
@@ -333,7 +333,8 @@ def save(model: ADDinoV3, directory: str | os.PathLike, *, backbone: str | None 
     return write_dir(directory, model.config,
                      adapters=(checkpoint_io.flat_params(model.adapters), {"source_format": "addinov3-jax"}),
                      backbone=backbone or model.backbone, text_tower=text_tower or model.text_tower,
-                     link=True, overwrite=True)
+                     link=True, overwrite=True, text_activation=text_activation or (
+                         model.text_tower.config.activation if model.text_tower is not None else None))
 
 
 def _tower_part(module) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, bytes]]:
@@ -361,14 +362,16 @@ def _tower_part(module) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str
 
 
 def write_dir(directory: str | os.PathLike, head: HeadConfig | dict, *, adapters, backbone,
-              text_tower, link: bool = True, overwrite: bool = False) -> Path:
+              text_tower, link: bool = True, overwrite: bool = False,
+              text_activation: str | None = None) -> Path:
     """The one model-directory writer (`save` and `addinov3 convert model`), atomic.
 
     Writes `model.json` (part locations + head config) and the parts. Each part is one of:
     an NNX module (backbone / text tower, written as a converted directory), a tuple
     `(params, metadata[, extra files])` (written as a converted directory; for `adapters`,
     `(params, extra metadata)`), or the path of a converted directory: referenced by absolute path
-    with `link=True`, copied in otherwise.
+    with `link=True`, copied in otherwise. `text_activation` (the text tower's MLP activation the
+    adapters were trained with) is recorded and used by `load`, whatever the tower's metadata says.
     """
     import shutil
 
@@ -398,22 +401,30 @@ def write_dir(directory: str | os.PathLike, head: HeadConfig | dict, *, adapters
                 checkpoint_io.write(tmp / name, params, meta, extra_files=files)
             spec[name] = name
         spec["head"] = head.to_dict()
+        if text_activation:
+            spec["text_activation"] = text_activation
         (tmp / MODEL_FILE).write_text(json.dumps(spec, indent=2) + "\n")
     return Path(directory)
 
 
 def load(path: str | os.PathLike | None = None, *, backbone=None, text_tower=None, adapters=None,
-         config: HeadConfig | None = None, mesh=None, rules=None, **overrides) -> ADDinoV3:
+         config: HeadConfig | None = None, mesh=None, rules=None, tower_options: dict | None = None,
+         text_activation: str | None = None, **overrides) -> ADDinoV3:
     """Loads a model directory (`model.json`) or a set of three converted directories.
 
     `overrides` replace head-config fields (e.g. `text_layout="interleave"`); with `mesh` and
-    `rules` every variable is placed sharded (towers read shard by shard).
+    `rules` every variable is placed sharded (towers read shard by shard). `tower_options` go to
+    both towers' `load` (compute_dtype, param_dtype, attention_impl, scan_layers); the text
+    tower runs with `text_activation`, else the one `model.json` recorded at training, else its
+    own metadata's.
     """
     from addinov3_jax.weight_conversion import adapters as adapter_conv
 
+    tower_options = tower_options or {}
     if path is not None:
         path = Path(path)
         spec = json.loads((path / MODEL_FILE).read_text())
+        text_activation = text_activation or spec.get("text_activation")
         resolve = lambda p: str(p if Path(p).is_absolute() else path / p)  # noqa: E731
         backbone = backbone or resolve(spec["backbone"])
         text_tower = text_tower or resolve(spec["text_tower"])
@@ -422,10 +433,10 @@ def load(path: str | os.PathLike | None = None, *, backbone=None, text_tower=Non
         raise ValueError("give a model directory or all of backbone, text_tower and adapters")
     params, meta = adapter_conv.read(adapters)
     head_cfg = config or HeadConfig(**{**meta.get("head", {}), **overrides})
-    bb = backbone if isinstance(backbone, dinov3.DinoV3) else dinov3.load(backbone, mesh=mesh,
-                                                                             rules=rules)
+    bb = backbone if isinstance(backbone, dinov3.DinoV3) else dinov3.load(
+        backbone, mesh=mesh, rules=rules, **tower_options)
     tt = text_tower if isinstance(text_tower, clip_text.TextTower) else clip_text.load(
-        text_tower, mesh=mesh, rules=rules)
+        text_tower, text_activation, mesh=mesh, rules=rules, **tower_options)
     from addinov3_jax import checkpoint_io
 
     shape = nnx.eval_shape(lambda: Adapters(bb.config.embed_dim, tt.config.embed_dim,

@@ -53,6 +53,8 @@ def plan(config) -> dict[str, Any]:
     graphdef, bb_state = nnx.split(bb)
     bb_shardings = sharding.state_shardings(bb_state, mesh, rules)
     bb_total, bb_dev = _bytes(bb_state, bb_shardings)
+    text_state = nnx.state(towers.abstract_text_tower(m))
+    text_total, text_dev = _bytes(text_state, sharding.state_shardings(text_state, mesh, rules))
     text_dim = towers.text_dim(m)
     head_cfg = train.head_config(cfg)
     n_layers = len(head_cfg.feature_layers)
@@ -98,7 +100,11 @@ def plan(config) -> dict[str, Any]:
         "backbone": m.backbone, "image_size": size, "batch_size": b,
         "mesh": {k: int(v) for k, v in mesh.shape.items()}, "devices": int(mesh.size),
         "platform": jax.devices()[0].platform,
-        "frozen_param_bytes_total": bb_total, "frozen_param_bytes_per_device": bb_dev,
+        # Frozen = the backbone and the text tower (both resident while training).
+        "frozen_param_bytes_total": bb_total + text_total,
+        "frozen_param_bytes_per_device": bb_dev + text_dev,
+        "backbone_param_bytes_total": bb_total, "backbone_param_bytes_per_device": bb_dev,
+        "text_tower_param_bytes_total": text_total, "text_tower_param_bytes_per_device": text_dev,
         "train_state_bytes_total": st_total, "train_state_bytes_per_device": st_dev,
         "temp_bytes_per_device": max(feature_mem["temp_bytes_per_device"],
                                      step_mem["temp_bytes_per_device"]),
@@ -120,8 +126,10 @@ def table(p: dict[str, Any]) -> str:
     lines = [f"memory plan: {p['backbone']} at {p['image_size']}px, batch {p['batch_size']}, "
              f"mesh {mesh} ({p['devices']} {p['platform']} devices)", "",
              f"{'':34}{'total':>14}{'per device':>14}",
-             f"{'frozen backbone parameters':34}{_gib(p['frozen_param_bytes_total']):>14}"
-             f"{_gib(p['frozen_param_bytes_per_device']):>14}",
+             f"{'frozen backbone parameters':34}{_gib(p['backbone_param_bytes_total']):>14}"
+             f"{_gib(p['backbone_param_bytes_per_device']):>14}",
+             f"{'frozen text tower parameters':34}{_gib(p['text_tower_param_bytes_total']):>14}"
+             f"{_gib(p['text_tower_param_bytes_per_device']):>14}",
              f"{'train state (adapters + AdamW)':34}{_gib(p['train_state_bytes_total']):>14}"
              f"{_gib(p['train_state_bytes_per_device']):>14}", ""]
     for name in ("feature_step", "train_step", "backbone_init"):

@@ -226,6 +226,21 @@ def _draw(out: Path, image, full_map: np.ndarray, row: dict, class_name: str,
 
 
 def _unique_names(paths: list[Path]) -> dict[Path, str]:
-    """Output stems; files with the same stem in different folders get their parent prefixed."""
-    stems = [p.stem for p in paths]
-    return {p: (p.stem if stems.count(p.stem) == 1 else f"{p.parent.name}_{p.stem}") for p in paths}
+    """Output stems: the file's stem, with as many parent folders prefixed (and the extension
+    appended) as it takes to tell it from every other input."""
+    def name(p: Path, depth: int, ext: bool) -> str:
+        parts = [*p.parent.parts[len(p.parent.parts) - depth:], p.stem + (f"_{p.suffix[1:]}" if ext else "")]
+        return "_".join(x for x in parts if x not in ("/", ""))
+
+    out: dict[Path, str] = {}
+    for p in paths:
+        for depth in range(len(p.parent.parts) + 1):
+            for ext in (False, True):
+                candidate = name(p, depth, ext)
+                if sum(name(q, depth, ext) == candidate for q in paths) == 1:
+                    break
+            else:
+                continue
+            break
+        out[p] = candidate
+    return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -64,8 +65,11 @@ def _encode_classes(model, ids_cst: jax.Array, chunk: int) -> jax.Array:
     return jax.vmap(prototypes)(emb[: c * s].reshape(c, s, -1))
 
 
-def cache_key(model_id: str, activation: str, word: str, context: int) -> str:
-    return hashlib.sha256(f"{model_id}|{activation}|{context}|{word}".encode()).hexdigest()[:32]
+def cache_key(model_id: str, activation: str, word: str, context: int, dtype: str = "float32") -> str:
+    """The cache file name of one word's prototypes: weights, activation, context and the
+    tower's compute dtype (bf16 prototypes are not reused by an fp32 run)."""
+    suffix = "" if dtype == "float32" else f"|{dtype}"
+    return hashlib.sha256(f"{model_id}|{activation}|{context}|{word}{suffix}".encode()).hexdigest()[:32]
 
 
 def text_features(
@@ -95,14 +99,20 @@ def text_features(
     context = model.config.context_length
     found: dict[str, np.ndarray] = {}
     cache = Path(cache_dir) if cache_dir and model.checkpoint_id else None
+    dtype = str(jnp.dtype(getattr(model, "compute_dtype", "float32")))
     keys = {w: cache_key(model.checkpoint_id or "", model.config.activation, w,
-                         context if full_context else 0) for w in words}
+                         context if full_context else 0, dtype) for w in words}
     if cache is not None:
         for w in words:
             f = cache / f"{keys[w]}.npy"
             if f.is_file():
                 found[w] = np.load(f)
     todo = [w for w in words if w not in found]
+    if jax.process_count() > 1:  # the encoding is a collective: every process or none runs it
+        from jax.experimental import multihost_utils
+
+        if int(np.max(multihost_utils.process_allgather(np.int32(len(todo))))) > 0:
+            todo = words
     if todo:
         ids = np.stack([tokenizer(sentences(w), context) for w in todo])  # (C, 420, 77)
         if not full_context:
@@ -113,7 +123,8 @@ def text_features(
             found[w] = f
             if cache is not None:
                 cache.mkdir(parents=True, exist_ok=True)
-                tmp = cache / f".{keys[w]}.{os.getpid()}.npy"  # atomic: processes may share it
+                # atomic, and unique per process and host: several may share the folder
+                tmp = cache / f".{keys[w]}.{socket.gethostname()}.{os.getpid()}.npy"
                 np.save(tmp, f)
                 os.replace(tmp, cache / f"{keys[w]}.npy")
     return np.stack([found[w] for w in class_names])

@@ -33,6 +33,16 @@ ACT_HEADS = ("act_batch", "act_tokens", "act_heads", None)
 ACT_HIDDEN = ("act_batch", "act_tokens", "act_heads")
 ACT_MLP = ("act_batch", "act_tokens", "act_mlp")
 
+# Every combination of logical axes the package resolves (parameter and activation shapes): the
+# rules must not map two axes of one array onto the same mesh axis.
+USED_AXES = (
+    ("layers", "embed", "qkv", "heads"), ("layers", "qkv", "heads"), ("layers", "heads", "embed"),
+    ("layers", "embed", "mlp"), ("layers", "mlp", "embed"), ("layers", "mlp"), ("layers", "embed"),
+    ("layers", "embed", "adapter"), ("layers", "adapter_in", "adapter"), ("vocab", "embed"),
+    (None, "embed"), ("embed", None), ("embed",), ACT_TOKENS, ACT_HEADS, ACT_HIDDEN, ACT_MLP,
+    (None, "act_batch", "act_tokens", "act_embed"), ("batch",), (None, "batch"),
+)
+
 # Every logical name used in the package appears here: an unknown name is an error, not a
 # silently replicated axis. Order does not matter (one entry per name).
 DEFAULT_RULES: Rules = (
@@ -86,6 +96,13 @@ def validate_rules(rules) -> Rules:
     if missing:
         raise ValueError(f"mesh.rules: no entry for the logical names {missing} "
                          "(map them to None to replicate)")
+    for axes in USED_AXES:
+        used = [a for entry in logical_spec(axes, pairs) if entry is not None
+                for a in ((entry,) if isinstance(entry, str) else entry)]
+        twice = sorted({a for a in used if used.count(a) > 1})
+        if twice:
+            raise ValueError(f"mesh.rules: an array with logical axes {axes} would use the mesh "
+                             f"axes {twice} twice; map one of those names elsewhere")
     return pairs
 
 

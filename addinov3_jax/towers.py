@@ -31,7 +31,7 @@ def _is_variant(name: str, variants) -> bool:
     return name in variants
 
 
-def _options(m) -> dict:
+def tower_options(m) -> dict:
     """The tower options of `config.model` (dtypes, attention implementation, scan)."""
     return {"scan_layers": m.scan_layers, "compute_dtype": jnp.dtype(m.compute_dtype),
             "param_dtype": jnp.dtype(m.param_dtype), "attention_impl": m.attention_impl}
@@ -39,12 +39,12 @@ def _options(m) -> dict:
 
 def backbone_init_fn(m, seed: int):
     """The random-init backbone of a variant name (`create()` builds it)."""
-    return lambda: dinov3.create(m.backbone, rngs=nnx.Rngs(seed), **_options(m))
+    return lambda: dinov3.create(m.backbone, rngs=nnx.Rngs(seed), **tower_options(m))
 
 
 def _text_fn(m, seed: int):
     return lambda: clip_text.create(m.text_tower, activation=m.text_activation or None,
-                                    rngs=nnx.Rngs(seed + 1), **_options(m))
+                                    rngs=nnx.Rngs(seed + 1), **tower_options(m))
 
 
 def backbone_config(m) -> dinov3.Config:
@@ -62,25 +62,35 @@ def backbone_config(m) -> dinov3.Config:
 
 def abstract_backbone(m) -> dinov3.DinoV3:
     cfg = backbone_config(m)
-    return nnx.eval_shape(lambda: dinov3.DinoV3(cfg, rngs=nnx.Rngs(0), **_options(m)))
+    return nnx.eval_shape(lambda: dinov3.DinoV3(cfg, rngs=nnx.Rngs(0), **tower_options(m)))
 
 
 def backbone(m, mesh, rules, seed: int) -> dinov3.DinoV3:
     """The frozen DINOv3 of `config.model`, sharded by `rules` on `mesh`."""
     if _is_variant(m.backbone, dinov3.VARIANTS):
         return random_sharded(backbone_init_fn(m, seed), mesh, rules)
-    return dinov3.load(m.backbone, mesh=mesh, rules=rules, **_options(m))
+    return dinov3.load(m.backbone, mesh=mesh, rules=rules, **tower_options(m))
 
 
-def text_dim(m) -> int:
+def text_config(m) -> clip_text.Config:
+    """The text tower architecture from a variant name or a checkpoint's metadata."""
     if _is_variant(m.text_tower, clip_text.VARIANTS):
-        return clip_text.get_config(m.text_tower).embed_dim
+        return clip_text.get_config(m.text_tower, m.text_activation or None)
     from addinov3_jax.weight_conversion import clip_text as conv
 
     if checkpoint_io.is_converted(m.text_tower):
         meta = checkpoint_io.read_metadata(m.text_tower, conv.ARCHITECTURE, verify=False)
-        return int(meta["config"]["embed_dim"])
-    return conv.open_any(m.text_tower)[0].embed_dim
+        return clip_text.Config(**meta["config"])
+    return conv.open_any(m.text_tower)[0]
+
+
+def abstract_text_tower(m) -> clip_text.TextTower:
+    cfg = text_config(m)
+    return nnx.eval_shape(lambda: clip_text.TextTower(cfg, rngs=nnx.Rngs(0), **tower_options(m)))
+
+
+def text_dim(m) -> int:
+    return text_config(m).embed_dim
 
 
 def text_tower(m, mesh, rules, seed: int) -> clip_text.TextTower:
@@ -88,7 +98,7 @@ def text_tower(m, mesh, rules, seed: int) -> clip_text.TextTower:
     if _is_variant(m.text_tower, clip_text.VARIANTS):
         return random_sharded(_text_fn(m, seed), mesh, rules)
     return clip_text.load(m.text_tower, activation=m.text_activation or None, mesh=mesh, rules=rules,
-                          **_options(m))
+                          **tower_options(m))
 
 
 def adapters_fn(visual_dim: int, text_dim_: int, num_layers: int, seed: int):

@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -199,7 +200,7 @@ def ensure_writable(path: Path) -> None:
     """Fails before any heavy work when `path` cannot be created or written."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test.{os.getpid()}"
+        probe = path / f".write_test.{socket.gethostname()}.{os.getpid()}"  # unique per host
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -276,7 +277,7 @@ class _Writers:
         path = workdir / "metrics.jsonl"
         if path.is_file():
             keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+                    if _step_of(line) is not None and _step_of(line) <= resume_step]
             path.write_text("".join(line + "\n" for line in keep))
         self.jsonl = open(path, "a")  # noqa: SIM115
         self.tb = SummaryWriter(str(workdir / "tensorboard"))
@@ -295,6 +296,23 @@ class _Writers:
         if self.enabled:
             self.jsonl.close()
             self.tb.close()
+
+
+def _any_process(flag: bool) -> bool:
+    """`flag` on any process (one small collective per call when there are several)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl row; None for a blank or torn line (a kill mid-write)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def init_multihost() -> None:
@@ -354,6 +372,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         init_multihost()
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
+    try:  # the taps against the backbone's depth (metadata only), before anything is written
+        towers.dinov3.select_blocks(tuple(cfg.model.feature_layers),
+                                    towers.backbone_config(cfg.model).depth)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"config field model.feature_layers: {e}") from None
     ensure_writable(workdir)
     with WorkdirLock(workdir, enabled=is_main):
         return _run(cfg, workdir, is_main)
@@ -423,6 +446,12 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Path, is_main: bool) -> dict[s
 
     bar = _progress(is_main, total=total, initial=start, desc="train")
     t_last, n_last, last_terms, done = time.perf_counter(), start, None, start
+    # Ctrl-C only raises a flag, read after each step: the checkpoint written then pairs the
+    # assigned state with the data position of the same step (never a half-done step).
+    ctrl_c = {"raised": False}
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, lambda *_: ctrl_c.update(raised=True))
     try:
         for step in range(start, stop):
             local = next(it)
@@ -451,15 +480,20 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Path, is_main: bool) -> dict[s
             if done == int(hook_step):
                 mngr.wait_until_finished()
                 os.kill(os.getpid(), getattr(signal, hook_signal))
-    except KeyboardInterrupt:
+            if _any_process(ctrl_c["raised"]):
+                break
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if ctrl_c["raised"] or (n_proc > 1 and done < stop):
         bar.close()
-        if done > start and mngr.latest_step() != done:
+        if mngr.latest_step() != done:
             checkpointing.save(mngr, done, state, it.get_state(), {"step": done, **meta}, force=True)
         mngr.wait_until_finished()
         mngr.close()
         writer.close()
         raise TrainingInterrupted(f"interrupted at step {done} of {total}; rerun the same command "
-                                  "to resume") from None
+                                  "to resume")
     bar.close()
     if mngr.latest_step() != done:
         checkpointing.save(mngr, done, state, it.get_state(), {"step": done, **meta}, force=True)
@@ -510,7 +544,8 @@ def save_model(cfg, directory: Path, backbone, text, params, head_cfg, is_main: 
         nnx.update(text, host["text"])
     model = ad.ADDinoV3(backbone, text, head_cfg, rngs=nnx.Rngs(0))
     ad.set_trainable_params(model, host["adapters"])
-    ad.save(model, directory, backbone=bb_ref, text_tower=tt_ref)
+    ad.save(model, directory, backbone=bb_ref, text_tower=tt_ref,
+            text_activation=text.config.activation)
 
 
 def summary_line(summary: dict[str, Any], workdir) -> str:

@@ -34,13 +34,13 @@ def run_plan(backbone: str, mesh: tuple[int, int, int], batch: int, size: int) -
 
 def plan_table(batch: int, size: int) -> str:
     gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
-    rows = ["| backbone | mesh | frozen params total | frozen params / device | train state / device "
+    rows = ["| backbone | mesh | backbone params total | backbone params / device | train state / device "
             "| feature step temp / device | train step temp / device |", "|---" * 7 + "|"]
     for backbone in ("vitl16", "vit7b16"):
         for name, mesh in MESHES.items():
             p = run_plan(backbone, mesh, batch, size)
-            rows.append(f"| {backbone} | {name} | {gib(p['frozen_param_bytes_total'])} GiB | "
-                        f"{gib(p['frozen_param_bytes_per_device'])} GiB | "
+            rows.append(f"| {backbone} | {name} | {gib(p['backbone_param_bytes_total'])} GiB | "
+                        f"{gib(p['backbone_param_bytes_per_device'])} GiB | "
                         f"{p['train_state_bytes_per_device'] / 2**20:.1f} MiB | "
                         f"{gib(p['feature_step']['temp_bytes_per_device'])} GiB | "
                         f"{gib(p['train_step']['temp_bytes_per_device'])} GiB |")

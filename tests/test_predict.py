@@ -3,6 +3,7 @@ crash), the on-disk text cache, the colour scale, and overlays that a person can
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,3 +156,12 @@ def test_overlay_writes_the_score_and_the_scale():
     with_score = np.asarray(plots.overlay(img, amap, scale=(0, 0.02), score=0.5))
     no_score = np.asarray(plots.overlay(img, amap, scale=(0, 0.02)))
     assert with_score.shape == no_score.shape and (with_score != no_score).any()  # the caption
+
+
+def test_output_names_never_collide():
+    paths = [Path("d/bottle/train/good/000.png"), Path("d/bottle/test/good/000.png"),
+             Path("x/a.png"), Path("x/a.jpg"), Path("y/b.png")]
+    names = predict._unique_names(paths)
+    assert names[paths[0]] == "train_good_000" and names[paths[1]] == "test_good_000"
+    assert {names[paths[2]], names[paths[3]]} == {"a_png", "a_jpg"} and names[paths[4]] == "b"
+    assert len(set(names.values())) == len(paths)

@@ -150,7 +150,9 @@ def test_load_reads_converted_weights_shard_by_shard(model_dir, monkeypatch):
     (["--config.train.feature_cache=gpu"], ["train.feature_cache", "device", "disk"]),
     (["--config.mesh.fsdp=0"], ["mesh.fsdp"]),
     (["--config.data.image_size=100"], ["data.image_size", "multiple"]),
-], ids=["unknown-key", "wrong-type", "enum", "enum-cache", "mesh", "image-size"])
+    (["--config.train.warmup_fraction=1.5"], ["train.warmup_fraction"]),
+    (["--config.model.feature_layers=(0, 1, 9)"], ["model.feature_layers", "9"]),
+], ids=["unknown-key", "wrong-type", "enum", "enum-cache", "mesh", "image-size", "warmup", "taps"])
 def test_bad_config_is_one_clear_line(args, fragments, tmp_path):
     res = subprocess.run([sys.executable, "-m", "addinov3_jax.cli", "train", "--config",
                           str(REPO / "configs" / "demo.py"), "--workdir", str(tmp_path / "w"), *args],
@@ -174,5 +176,25 @@ def test_unknown_config_arg_and_rules_are_refused():
     c.mesh.rules = sharding.DEFAULT_RULES[:-1]
     with pytest.raises(config_lib.ConfigError, match="no entry for the logical names"):
         config_lib.validate(c)
+    c.mesh.rules = tuple((k, "fsdp" if k == "adapter" else v) for k, v in sharding.DEFAULT_RULES)
+    with pytest.raises(config_lib.ConfigError, match=r"would use the mesh axes \['fsdp'\] twice"):
+        config_lib.validate(c)
     c.mesh.rules = sharding.rules_preset("replicated")
     assert config_lib.validate(c).mesh.rules == sharding.REPLICATED_RULES
+
+
+def test_model_dir_records_the_trained_text_activation(tmp_path):
+    """A tower whose metadata says QuickGELU, trained with exact GELU: eval and predict must run
+    it with GELU again (model.json records it), unless told otherwise."""
+    backbone = dinov3.create("tiny", rngs=nnx.Rngs(0))
+    text = clip_text.create("tiny", activation="quick_gelu", rngs=nnx.Rngs(1))
+    ad.save(ad.ADDinoV3(text_tower=text, backbone=backbone, config=ad.HeadConfig(
+        feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2)), tmp_path / "towers")
+    model = ad.ADDinoV3(backbone, text, ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
+    ad.save(model, tmp_path / "model", text_tower=str(tmp_path / "towers" / "text_tower"),
+            text_activation="gelu")
+    assert json.loads((tmp_path / "model" / "model.json").read_text())["text_activation"] == "gelu"
+    assert ad.load(tmp_path / "model").text_tower.config.activation == "gelu"
+    assert ad.load(tmp_path / "model", text_activation="quick_gelu").text_tower.config.activation \
+        == "quick_gelu"
+    assert clip_text.load(str(tmp_path / "towers" / "text_tower")).config.activation == "quick_gelu"

@@ -282,3 +282,12 @@ def test_missing_synthetic_root_is_refused(tmp_path):
     with pytest.raises(Exception, match="no such dataset folder"):
         train.train(cfg, tmp_path / "run")
     assert not (tmp_path / "typo").exists()
+
+
+def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
+    """A kill in the middle of a metrics.jsonl write leaves a torn last line: resume drops it."""
+    rows = [json.dumps({"step": i, "loss": 1.0}) for i in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 4, "lo')
+    writer = train._Writers(tmp_path, True, resume_step=2)
+    writer.close()
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
