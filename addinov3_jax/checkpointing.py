@@ -56,6 +56,42 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state) -> tuple[int, An
     return 0, None, None
 
 
+# Fields that fix the shape of the saved state or the meaning of its data position: a workdir's
+# checkpoints only resume a run that agrees on them.
+RUN_FIELDS = ("model.backbone", "model.text_tower", "model.feature_layers", "model.text_layout",
+              "data.name", "data.image_size", "train.batch_size", "seed")
+
+
+def saved_config(mngr: ocp.CheckpointManager) -> dict | None:
+    """The config stored with the newest checkpoint (None without a readable one)."""
+    step = mngr.latest_step()
+    if step is None:
+        return None
+    try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception:  # noqa: BLE001 - unreadable: restore_latest reports and falls back
+        return None
+    return meta.get("config")
+
+
+def check_same_run(saved: dict | None, config: dict, workdir) -> None:
+    """Refuses to resume the checkpoints of a different run (another backbone, taps, image size,
+    batch or seed) instead of silently starting over in the same workdir."""
+    if not saved:
+        return
+    for field in RUN_FIELDS:
+        old, new = saved, config
+        for part in field.split("."):
+            old, new = (old or {}).get(part), (new or {}).get(part)
+        if isinstance(old, list):
+            old = tuple(old)
+        if isinstance(new, list):
+            new = tuple(new)
+        if old is not None and old != new:
+            raise ValueError(f"{workdir}: its checkpoints are of a run with {field}={old!r}, this "
+                             f"config has {new!r}; use a new --workdir (or the old setting)")
+
+
 def abstract(tree):
     """Shapes, dtypes and shardings of a tree of arrays (the restore target)."""
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)

@@ -434,6 +434,8 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Path, is_main: bool) -> dict[s
         shard_index=jax.process_index(), shard_count=n_proc,
         worker_count=0 if cache else cfg.data.worker_count))
     mngr = checkpointing.manager(workdir, t.keep_checkpoints)
+    checkpointing.check_same_run(checkpointing.saved_config(mngr),
+                                 json.loads(cfg.to_json_best_effort()), workdir)
     start, restored, data_state = checkpointing.restore_latest(mngr, checkpointing.abstract(state))
     if restored is not None:
         state = restored

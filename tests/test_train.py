@@ -291,3 +291,11 @@ def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
     writer = train._Writers(tmp_path, True, resume_step=2)
     writer.close()
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_checkpoints_of_another_run_are_refused(data, tmp_path):
+    train.train(tiny_config(data, epochs=1, stop_after=1), tmp_path)
+    other = tiny_config(data, epochs=1)
+    other.model.feature_layers = (0, 1, 2, 2 + 1)[::-1]
+    with pytest.raises(ValueError, match="model.feature_layers"):
+        train.train(other, tmp_path)
