@@ -407,6 +407,10 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Path, is_main: bool) -> dict[s
     size, p = cfg.data.image_size, bb_cfg.patch_size
     grid, head_cfg = (size // p, size // p), head_config(cfg)
 
+    mngr = checkpointing.manager(workdir, t.keep_checkpoints)
+    checkpointing.check_same_run(checkpointing.saved_config(mngr),  # before any heavy work
+                                 json.loads(cfg.to_json_best_effort()), workdir)
+
     # Frozen towers (sharded by the rules) and the text prototypes, computed once per class.
     backbone = towers.backbone(cfg.model, mesh, rules, cfg.seed)
     text = towers.text_tower(cfg.model, mesh, rules, cfg.seed)
@@ -433,9 +437,6 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Path, is_main: bool) -> dict[s
         batch_size=local_batch, seed=cfg.seed, num_epochs=t.epochs,
         shard_index=jax.process_index(), shard_count=n_proc,
         worker_count=0 if cache else cfg.data.worker_count))
-    mngr = checkpointing.manager(workdir, t.keep_checkpoints)
-    checkpointing.check_same_run(checkpointing.saved_config(mngr),
-                                 json.loads(cfg.to_json_best_effort()), workdir)
     start, restored, data_state = checkpointing.restore_latest(mngr, checkpointing.abstract(state))
     if restored is not None:
         state = restored
