@@ -488,21 +488,15 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Path, is_main: bool) -> dict[s
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    if ctrl_c["raised"] or (n_proc > 1 and done < stop):
-        bar.close()
-        if mngr.latest_step() != done:
-            checkpointing.save(mngr, done, state, it.get_state(), {"step": done, **meta}, force=True)
-        mngr.wait_until_finished()
-        mngr.close()
-        writer.close()
-        raise TrainingInterrupted(f"interrupted at step {done} of {total}; rerun the same command "
-                                  "to resume")
     bar.close()
-    if mngr.latest_step() != done:
+    if mngr.latest_step() != done:  # the final (or interrupted) step, checkpointed
         checkpointing.save(mngr, done, state, it.get_state(), {"step": done, **meta}, force=True)
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
+    if ctrl_c["raised"] or (n_proc > 1 and done < stop):
+        raise TrainingInterrupted(f"interrupted at step {done} of {total}; rerun the same command "
+                                  "to resume")
     summary = {"steps": done, "total_steps": total, "resumed_from": start,
                "compilations": step_fn._cache_size(),
                "final": {k: float(v) for k, v in (last_terms or {}).items()}}
