@@ -142,13 +142,19 @@ def category_metrics(labels, scores, masks, maps, *, has_masks: bool, fpr_limit:
     return row, notes
 
 
-def mean_metrics(categories: dict[str, dict]) -> dict[str, float]:
+def _per_key(rows: Sequence[dict], reduce) -> dict[str, float]:
+    """`reduce` (e.g. np.mean) of each metric over `rows`, NaN values left out (NaN if all are)."""
     out = {}
     for k in METRIC_KEYS:
-        vals = [c[k] for c in categories.values() if not math.isnan(c[k])]
-        out[k] = float(np.mean(vals)) if vals else math.nan
-    out["num_images"] = int(sum(c["num_images"] for c in categories.values()))
+        vals = [r[k] for r in rows if not math.isnan(r[k])]
+        out[k] = float(reduce(vals)) if vals else math.nan
     return out
+
+
+def mean_metrics(categories: dict[str, dict]) -> dict[str, float]:
+    """Unweighted mean over categories; `num_images` is their total."""
+    rows = list(categories.values())
+    return {**_per_key(rows, np.mean), "num_images": int(sum(c["num_images"] for c in rows))}
 
 
 def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.PathLike,
@@ -272,22 +278,13 @@ def _reference_pool(name: str, root, test_records: Sequence[Record], classes: tu
 
 
 def seed_mean(rows: Sequence[dict]) -> dict:
-    """Per-key mean of METRICS dicts (NaN where a key is NaN for every seed)."""
-    out = {}
-    for k in METRIC_KEYS:
-        vals = [r[k] for r in rows if not math.isnan(r[k])]
-        out[k] = float(np.mean(vals)) if vals else math.nan
-    out["num_images"] = rows[0]["num_images"]
-    return out
+    """Per-metric mean of one category's METRICS over seeds (the same images each seed)."""
+    return {**_per_key(rows, np.mean), "num_images": rows[0]["num_images"]}
 
 
 def seed_std(rows: Sequence[dict]) -> dict:
-    """Per-key population standard deviation of METRICS dicts over seeds (NaN values left out)."""
-    out = {}
-    for k in METRIC_KEYS:
-        vals = [r[k] for r in rows if not math.isnan(r[k])]
-        out[k] = float(np.std(vals)) if vals else math.nan
-    return out
+    """Per-metric population standard deviation of METRICS over seeds."""
+    return _per_key(rows, np.std)
 
 
 def _fmt(v) -> str:

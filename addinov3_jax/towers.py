@@ -27,10 +27,6 @@ def random_sharded(create: Callable[[], nnx.Module], mesh, rules) -> nnx.Module:
     return nnx.merge(graphdef, state)
 
 
-def _is_variant(name: str, variants) -> bool:
-    return name in variants
-
-
 def tower_options(m) -> dict:
     """The tower options of `config.model` (dtypes, attention implementation, scan)."""
     return {"scan_layers": m.scan_layers, "compute_dtype": jnp.dtype(m.compute_dtype),
@@ -50,7 +46,7 @@ def _text_fn(m, seed: int):
 def backbone_config(m) -> dinov3.Config:
     """The backbone architecture from a variant name or a converted / original checkpoint's
     metadata (a converted directory's weights are not read)."""
-    if _is_variant(m.backbone, dinov3.VARIANTS):
+    if m.backbone in dinov3.VARIANTS:
         return dinov3.get_config(m.backbone)
     from addinov3_jax.weight_conversion import dinov3 as conv
 
@@ -67,14 +63,14 @@ def abstract_backbone(m) -> dinov3.DinoV3:
 
 def backbone(m, mesh, rules, seed: int) -> dinov3.DinoV3:
     """The frozen DINOv3 of `config.model`, sharded by `rules` on `mesh`."""
-    if _is_variant(m.backbone, dinov3.VARIANTS):
+    if m.backbone in dinov3.VARIANTS:
         return random_sharded(backbone_init_fn(m, seed), mesh, rules)
     return dinov3.load(m.backbone, mesh=mesh, rules=rules, **tower_options(m))
 
 
 def text_config(m) -> clip_text.Config:
     """The text tower architecture from a variant name or a checkpoint's metadata."""
-    if _is_variant(m.text_tower, clip_text.VARIANTS):
+    if m.text_tower in clip_text.VARIANTS:
         return clip_text.get_config(m.text_tower, m.text_activation or None)
     from addinov3_jax.weight_conversion import clip_text as conv
 
@@ -95,7 +91,7 @@ def text_dim(m) -> int:
 
 def text_tower(m, mesh, rules, seed: int) -> clip_text.TextTower:
     """The frozen CLIP text tower of `config.model`, sharded by `rules` on `mesh`."""
-    if _is_variant(m.text_tower, clip_text.VARIANTS):
+    if m.text_tower in clip_text.VARIANTS:
         return random_sharded(_text_fn(m, seed), mesh, rules)
     return clip_text.load(m.text_tower, activation=m.text_activation or None, mesh=mesh, rules=rules,
                           **tower_options(m))

@@ -372,20 +372,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         init_multihost()
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
-    try:  # the taps against the backbone's depth (metadata only), before anything is written
-        towers.dinov3.select_blocks(tuple(cfg.model.feature_layers),
-                                    towers.backbone_config(cfg.model).depth)
+    bb_cfg = towers.backbone_config(cfg.model)  # metadata only
+    try:  # the taps against the backbone's depth, before anything is written
+        towers.dinov3.select_blocks(tuple(cfg.model.feature_layers), bb_cfg.depth)
     except ValueError as e:
         raise config_lib.ConfigError(f"config field model.feature_layers: {e}") from None
     ensure_writable(workdir)
     with WorkdirLock(workdir, enabled=is_main):
-        return _run(cfg, workdir, is_main)
+        return _run(cfg, bb_cfg, workdir, is_main)
 
 
-def _run(cfg: ml_collections.ConfigDict, workdir: Path, is_main: bool) -> dict[str, Any]:
+def _run(cfg: ml_collections.ConfigDict, bb_cfg, workdir: Path, is_main: bool) -> dict[str, Any]:
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = cfg.mesh.rules
-    bb_cfg = towers.backbone_config(cfg.model)
     source, words, preprocess, _ = training_source(cfg, bb_cfg)
     n_proc, t = jax.process_count(), cfg.train
     if t.batch_size % n_proc or t.batch_size % sharding.data_parallel_size(mesh, rules):

@@ -17,3 +17,16 @@ def rng():
     import numpy as np
 
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny random AD-DINOv3 (backbone, text tower, adapters; taps 0-3) of the eval tests."""
+    from flax import nnx
+
+    from addinov3_jax import clip_text, dinov3
+    from addinov3_jax import model as ad
+
+    backbone = dinov3.create("tiny", rngs=nnx.Rngs(0))
+    text = clip_text.create("tiny", rngs=nnx.Rngs(1))
+    return ad.ADDinoV3(backbone, text, ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))

@@ -8,22 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 
-from addinov3_jax import clip_text, dinov3, evaluate, predict
+from addinov3_jax import evaluate, predict
 from addinov3_jax import model as ad
 from addinov3_jax.data import synthetic
 
 KEYS = {"image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
         "pixel_aupro", "num_images"}
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    backbone = dinov3.create("tiny", rngs=nnx.Rngs(0))
-    text = clip_text.create("tiny", rngs=nnx.Rngs(1))
-    return ad.ADDinoV3(backbone, text, ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
 
 
 @pytest.fixture(scope="module")

@@ -12,20 +12,13 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from addinov3_jax import clip_text, dinov3, evaluate, fewshot, inference
 from addinov3_jax import config as config_lib
+from addinov3_jax import evaluate, fewshot, inference
 from addinov3_jax import model as ad
 from addinov3_jax.data import readers, synthetic
 from addinov3_jax.data.records import DataError
 
 OPTS = evaluate.EvalOptions(image_size=64, batch_size=8, heatmaps_per_category=0, curves=False)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    backbone = dinov3.create("tiny", rngs=nnx.Rngs(0))
-    text = clip_text.create("tiny", rngs=nnx.Rngs(1))
-    return ad.ADDinoV3(backbone, text, ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
 
 
 @pytest.fixture(scope="module")
