@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import ml_collections
 
-from addinov3_jax import sharding
+from addinov3_jax.models import sharding
 
 
 class ConfigError(ValueError):
@@ -256,7 +256,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def fewshot_config(c: ml_collections.ConfigDict):
     """The `fewshot.FewShotConfig` of `c.eval` (shots, shot_seeds, fewshot.*). Raises ConfigError
     naming the field."""
-    from addinov3_jax import fewshot
+    from addinov3_jax.models import fewshot
 
     if not isinstance(c.eval.shots, int) or isinstance(c.eval.shots, bool):
         raise ConfigError(f"config field eval.shots={c.eval.shots!r} must be an integer >= 0")

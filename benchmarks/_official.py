@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, DINOv3ViTConfig, DINOv3ViTModel
 
-from addinov3_jax import clip_text, dinov3, prompts
-from addinov3_jax.tokenizer import tokenize
-from addinov3_jax.weight_conversion import clip_text as clip_conv
-from addinov3_jax.weight_conversion import dinov3 as dino_conv
+from addinov3_jax.models import clip_text, dinov3, prompts
+from addinov3_jax.models.tokenizer import tokenize
+from weight_conversion import clip_text as clip_conv
+from weight_conversion import dinov3 as dino_conv
 
 
 def per_image_seconds(size=512, backbone="vitl16", text="vitl14_336", reps=1):

@@ -16,9 +16,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from addinov3_jax import clip_text, config, dinov3, losses, metrics
-from addinov3_jax import model as ad
+from addinov3_jax import config, metrics
 from addinov3_jax.data import pipeline, readers, synthetic
+from addinov3_jax.models import clip_text, dinov3, losses
+from addinov3_jax.models import model as ad
 
 
 def load(root, classes, size):

@@ -39,7 +39,7 @@ def run_pieces(args):
     import numpy as np
     from flax import nnx
 
-    from addinov3_jax import dinov3, layers
+    from addinov3_jax.models import dinov3, layers
 
     dtype = jnp.dtype(args.dtype)
     t, d, h = args.tokens, 1024, 16

@@ -16,8 +16,8 @@ import torch
 from flax import nnx
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-from addinov3_jax import dinov3
-from addinov3_jax.weight_conversion import dinov3 as conv
+from addinov3_jax.models import dinov3
+from weight_conversion import dinov3 as conv
 
 
 def main():

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from addinov3_jax import fewshot
+from addinov3_jax.models import fewshot
 
 
 def timed(fn, repeats=3):

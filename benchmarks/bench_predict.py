@@ -11,8 +11,8 @@ import time
 import numpy as np
 from flax import nnx
 
-from addinov3_jax import clip_text, dinov3
-from addinov3_jax import model as ad
+from addinov3_jax.models import clip_text, dinov3
+from addinov3_jax.models import model as ad
 
 
 def main():

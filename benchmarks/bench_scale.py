@@ -22,7 +22,7 @@ MESHES = {"data=8": (8, 1, 1), "fsdp=8": (1, 8, 1), "fsdp=4 x tensor=2": (1, 4, 
 
 
 def run_plan(backbone: str, mesh: tuple[int, int, int], batch: int, size: int) -> dict:
-    cmd = [sys.executable, "-m", "addinov3_jax.cli", "plan", "--json", "--config",
+    cmd = [sys.executable, "-m", "addinov3_jax.commands.cli", "plan", "--json", "--config",
            str(REPO / "configs" / "train_visa.py"), f"--config.model.backbone={backbone}",
            f"--config.mesh.data={mesh[0]}", f"--config.mesh.fsdp={mesh[1]}",
            f"--config.mesh.tensor={mesh[2]}", f"--config.train.batch_size={batch}",
@@ -52,19 +52,22 @@ STEP_CODE = r"""
 import functools, json, sys, time
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from addinov3_jax import config as config_lib, sharding, towers, train
+from addinov3_jax import config as config_lib
+from addinov3_jax.models import sharding
+from addinov3_jax.runtime import setup
+from addinov3_jax.runtime import trainer as train
 variant, size, batch, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 cfg = config_lib.base_config()
 cfg.model.backbone, cfg.model.text_tower = variant, "tiny"
 cfg.model.feature_layers = (2, 5, 8, 11) if variant != "tiny" else (0, 1, 2, 3)
 mesh = sharding.make_mesh(-1, 1, 1)
 rules = sharding.DEFAULT_RULES
-bb = towers.backbone(cfg.model, mesh, rules, 0)
+bb = setup.backbone(cfg.model, mesh, rules, 0)
 graphdef, state = nnx.split(bb)
 head = train.head_config(cfg)
 features = jax.jit(functools.partial(train.feature_step, graphdef=graphdef, head_cfg=head))
 tx, _ = train.make_optimizer(cfg, 100)
-ts, sh = train.init_train_state(towers.adapters_fn(bb.config.embed_dim, 32, 4, 0), tx, mesh, rules)
+ts, sh = train.init_train_state(setup.adapters_fn(bb.config.embed_dim, 32, 4, 0), tx, mesh, rules)
 grid = (size // 16,) * 2
 step = jax.jit(functools.partial(train.train_step, tx=tx, head_cfg=head, grid=grid, size=(size, size)),
                donate_argnums=(0,), out_shardings=(sh, None))

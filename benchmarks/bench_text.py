@@ -17,9 +17,9 @@ import torch
 from flax import nnx
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from addinov3_jax import clip_text, prompts
-from addinov3_jax.tokenizer import tokenize
-from addinov3_jax.weight_conversion import clip_text as conv
+from addinov3_jax.models import clip_text, prompts
+from addinov3_jax.models.tokenizer import tokenize
+from weight_conversion import clip_text as conv
 
 MVTEC = ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
          "screw", "tile", "toothbrush", "transistor", "wood", "zipper"]

@@ -15,8 +15,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from addinov3_jax import dinov3, losses
-from addinov3_jax import model as ad
+from addinov3_jax.models import dinov3, losses
+from addinov3_jax.models import model as ad
 
 
 def main():

@@ -116,7 +116,7 @@ def feature_fn(graphdef, taps, cfg):
     import jax
     from flax import nnx
 
-    from addinov3_jax import model as ad
+    from addinov3_jax.models import model as ad
 
     return jax.jit(lambda state, x: ad.extract_features(nnx.merge(graphdef, state), x, cfg))
 
@@ -128,8 +128,8 @@ def model_flops(variant, taps, batch, size) -> float:
     import jax.numpy as jnp
     from flax import nnx
 
-    from addinov3_jax import dinov3
-    from addinov3_jax import model as ad
+    from addinov3_jax.models import dinov3
+    from addinov3_jax.models import model as ad
 
     abstract = nnx.eval_shape(lambda: dinov3.create(
         variant, rngs=nnx.Rngs(0), scan_layers=False, compute_dtype=jnp.bfloat16,
@@ -147,8 +147,8 @@ def run_backbone(p, rec, device, peak):
     import numpy as np
     from flax import nnx
 
-    from addinov3_jax import dinov3
-    from addinov3_jax import model as ad
+    from addinov3_jax.models import dinov3
+    from addinov3_jax.models import model as ad
 
     size, taps = p["image_size"], p["taps"]
     cfg = ad.HeadConfig(feature_layers=taps)
@@ -186,7 +186,7 @@ def dinov3_backend(impl, dtype, graphdef) -> str:
     import jax
     import jax.numpy as jnp
 
-    from addinov3_jax import layers
+    from addinov3_jax.models import layers
 
     head_dim = 64  # every DINOv3 ViT up to ViT-H+ (the 7B: 128)
     q = jax.ShapeDtypeStruct((1, 1, 1, head_dim), jnp.dtype(dtype))
@@ -200,7 +200,7 @@ def run_cache_fill(p, rec, device, bb):
     import ml_dtypes
     import numpy as np
 
-    from addinov3_jax import model as ad
+    from addinov3_jax.models import model as ad
 
     graphdef, state = bb
     size, b = p["image_size"], p["cache_batch"]
@@ -230,8 +230,8 @@ def run_train_step(p, rec, device):
     import optax
     from flax import nnx
 
-    from addinov3_jax import dinov3, losses
-    from addinov3_jax import model as ad
+    from addinov3_jax.models import dinov3, losses
+    from addinov3_jax.models import model as ad
 
     bcfg = dinov3.get_config(p["backbone"])
     size, b, taps = p["image_size"], p["train_batch"], p["taps"]
@@ -306,10 +306,10 @@ def run_eval(p, rec, device, bb, workdir: Path):
     from jax.sharding import AxisType
 
     from addinov3_jax import metrics
-    from addinov3_jax import model as ad
     from addinov3_jax.data import pipeline, readers
-    from addinov3_jax.inference import Predictor
-    from addinov3_jax.sharding import MESH_AXES
+    from addinov3_jax.models import model as ad
+    from addinov3_jax.models.sharding import MESH_AXES
+    from addinov3_jax.runtime.inference import Predictor
 
     size, b = p["image_size"], p["eval_batch"]
     t0 = time.perf_counter()

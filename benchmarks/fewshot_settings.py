@@ -16,9 +16,10 @@ import time
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 from addinov3_jax import config as config_lib  # noqa: E402
-from addinov3_jax import evaluate, fewshot  # noqa: E402
-from addinov3_jax import model as ad  # noqa: E402
+from addinov3_jax import fewshot  # noqa: E402
 from addinov3_jax.data import synthetic  # noqa: E402
+from addinov3_jax.io import model_dir
+from addinov3_jax.runtime import evaluator as evaluate
 
 
 def main():
@@ -32,7 +33,7 @@ def main():
     args = ap.parse_args()
     # Seed 1: other images than the demo's (seed 0) of the categories the adapters trained on.
     root = synthetic.ensure(args.data, categories=config_lib.AUXILIARY, seed=1)
-    model = ad.load(args.model)
+    model = model_dir.load(args.model)
     cfg = config_lib.demo_config()
     opts = evaluate.EvalOptions(image_size=cfg.data.image_size, batch_size=cfg.eval.batch_size,
                                 class_name_source=config_lib.object_word_source(cfg),

@@ -24,8 +24,8 @@ def tiny():
     """The tiny random AD-DINOv3 (backbone, text tower, adapters; taps 0-3) of the eval tests."""
     from flax import nnx
 
-    from addinov3_jax import clip_text, dinov3
-    from addinov3_jax import model as ad
+    from addinov3_jax.models import clip_text, dinov3
+    from addinov3_jax.models import model as ad
 
     backbone = dinov3.create("tiny", rngs=nnx.Rngs(0))
     text = clip_text.create("tiny", rngs=nnx.Rngs(1))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from addinov3_jax import clip_text, dinov3, layers
+from addinov3_jax.models import clip_text, dinov3, layers
 
 
 def einsum_attention(q, k, v, *, causal=False, implementation=None):
@@ -95,7 +95,7 @@ def test_bf16_parameter_storage(rng):
 
 
 def test_parity_bfloat16_tables(capsys):
-    from addinov3_jax.cli import main
+    from addinov3_jax.commands.cli import main
 
     assert main(["parity", "dinov3", "--random", "tiny", "--image-size", "48,64",
                  "--dtype", "bfloat16"]) == 0

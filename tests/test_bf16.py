@@ -7,9 +7,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from addinov3_jax import clip_text, dinov3, losses, metrics
-from addinov3_jax import model as ad
+from addinov3_jax import metrics
 from addinov3_jax.data import pipeline, readers, synthetic
+from addinov3_jax.models import clip_text, dinov3, losses
+from addinov3_jax.models import model as ad
 
 # |map_bf16 - map_fp32| (probabilities); measured 2026-11-29, see benchmarks/RESULTS.md (untrained
 # adapters, maps mid-range where the sigmoid is steepest: max 0.022, mean 0.0013).

@@ -25,11 +25,10 @@ def test_help(sub):
 
 
 def test_package_never_imports_torch():
-    code = ("import sys, addinov3_jax.cli, addinov3_jax.dinov3, addinov3_jax.checkpoint_io, "
-            "addinov3_jax.sharding, addinov3_jax.weight_conversion.dinov3, addinov3_jax.demo\n"
+    code = ("import sys, addinov3_jax.commands.cli, addinov3_jax.models.dinov3, weight_conversion.dinov3\n"
             "import pkgutil, importlib, addinov3_jax\n"
             "for m in pkgutil.walk_packages(addinov3_jax.__path__, 'addinov3_jax.'):\n"
-            "    if m.name != 'addinov3_jax.parity': importlib.import_module(m.name)\n"
+            "    if m.name != 'addinov3_jax.commands.parity': importlib.import_module(m.name)\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -92,7 +91,7 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_user_errors_are_one_line(case, tmp_path, capsys):
-    from addinov3_jax.cli import main
+    from addinov3_jax.commands.cli import main
 
     build, fragment = BAD_INPUTS[case]
     argv = build(tmp_path)
@@ -106,8 +105,8 @@ def test_user_errors_are_one_line(case, tmp_path, capsys):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    from addinov3_jax.checkpoint_io import CheckpointError
-    from addinov3_jax.cli import main
+    from addinov3_jax.commands.cli import main
+    from addinov3_jax.io.checkpoint_io import CheckpointError
 
     with pytest.raises(CheckpointError, match="not a readable PyTorch"):
         main(["--debug", "convert", "dinov3", "--source", _garbage(tmp_path), "--output",
@@ -116,7 +115,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_parity_unknown_variant_is_one_line(capsys):
     pytest.importorskip("transformers")
-    from addinov3_jax.cli import main
+    from addinov3_jax.commands.cli import main
 
     assert main(["parity", "dinov3", "--random", "vitfoo"]) == 2
     err = capsys.readouterr().err

@@ -8,10 +8,12 @@ from flax import nnx
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from addinov3_jax import checkpoint_io, clip_text, parity, prompts
-from addinov3_jax.checkpoint_io import CheckpointError
-from addinov3_jax.tokenizer import tokenize
-from addinov3_jax.weight_conversion import clip_text as conv
+from addinov3_jax.commands import parity
+from addinov3_jax.io import checkpoint_io, towers
+from addinov3_jax.io.checkpoint_io import CheckpointError
+from addinov3_jax.models import clip_text, prompts
+from addinov3_jax.models.tokenizer import tokenize
+from weight_conversion import clip_text as conv
 
 # 2-layer tower at the full ViT-L/14 width.
 WIDE = clip_text.Config(width=768, depth=2, num_heads=12, embed_dim=768)
@@ -38,7 +40,7 @@ def run_reference(model, ids):
 def test_matches_transformers(tmp_path, cfg, activation):
     ref = hf_reference(cfg, activation)
     ref.save_pretrained(tmp_path)
-    model = clip_text.load(tmp_path)
+    model = towers.load_clip_text(tmp_path)
     assert model.config.activation == activation  # taken from the HF config
     ids = tokenize(SENTENCES)
     pooled, projected = run_reference(ref, ids)
@@ -49,7 +51,7 @@ def test_matches_transformers(tmp_path, cfg, activation):
                                projected / np.linalg.norm(projected, axis=-1, keepdims=True),
                                atol=1e-6)
     # The activation matters (so the switch is real) and can be overridden at load time.
-    other = clip_text.load(tmp_path, activation="gelu" if activation == "quick_gelu" else "quick_gelu")
+    other = towers.load_clip_text(tmp_path, activation="gelu" if activation == "quick_gelu" else "quick_gelu")
     assert np.abs(np.asarray(other(ids)["projected"]) - projected).max() > 1e-4
 
 
@@ -101,7 +103,7 @@ def test_openai_and_openclip_formats(tmp_path, layout):
     meta = conv.convert(path, tmp_path / "conv", activation="quick_gelu")
     assert meta["source_format"] == ("openclip-custom" if layout == "openclip_custom" else "openai")
     assert meta["tokenizer_files"] == ["bpe_simple_vocab_16e6.txt.gz"]
-    model = clip_text.load(tmp_path / "conv")
+    model = towers.load_clip_text(tmp_path / "conv")
     ids = clip_text.load_tokenizer(tmp_path / "conv")(SENTENCES)
     pooled, projected = run_reference(ref, ids)
     np.testing.assert_allclose(model(ids)["projected"], projected, atol=1e-5, rtol=0)
@@ -116,7 +118,7 @@ def test_hf_clipmodel_safetensors_ignores_vision(tmp_path):
     sd["visual_projection.weight"] = torch.randn(8, 16)
     sd["logit_scale"] = torch.tensor(1.0)
     save_file(sd, tmp_path / "model.safetensors")
-    model = clip_text.load(tmp_path / "model.safetensors", activation="quick_gelu")
+    model = towers.load_clip_text(tmp_path / "model.safetensors", activation="quick_gelu")
     ids = tokenize(SENTENCES)
     np.testing.assert_allclose(model(ids)["projected"], run_reference(ref, ids)[1], atol=1e-5, rtol=0)
 
@@ -133,7 +135,7 @@ def test_round_trip_and_bad_checkpoints(tmp_path, rng):
     save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()},
               tmp_path / "broken.safetensors")
     with pytest.raises(CheckpointError, match=r"1 missing key\(s\): transformer.resblocks.1.mlp.c_fc.bias"):
-        clip_text.load(tmp_path / "broken.safetensors")
+        towers.load_clip_text(tmp_path / "broken.safetensors")
     with pytest.raises(CheckpointError, match=r"mis-shaped"):
         conv.convert_source(tmp_path / "broken.safetensors", variant="vitb16")
 
@@ -147,7 +149,7 @@ def test_full_size_param_count():
 def test_prompt_ensemble_equals_per_sentence_loop(tmp_path):
     ref = hf_reference(clip_text.get_config("tiny"), "gelu", seed=4)
     ref.save_pretrained(tmp_path / "hf")
-    model = clip_text.load(tmp_path / "hf")
+    model = towers.load_clip_text(tmp_path / "hf")
     words = ["bottle", "metal_nut", "Data"]
     ours = prompts.text_features(model, words)
     assert ours.shape == (3, 64, 2)
@@ -172,7 +174,7 @@ def test_prompt_cache(tmp_path, monkeypatch):
     ref = hf_reference(clip_text.get_config("tiny"), "gelu", seed=5)
     ref.save_pretrained(tmp_path / "hf")
     conv.convert(tmp_path / "hf", tmp_path / "conv")
-    model = clip_text.load(tmp_path / "conv")
+    model = towers.load_clip_text(tmp_path / "conv")
     first = prompts.text_features(model, ["screw", "wood", "screw"], cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(first[0], first[2])
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
@@ -183,13 +185,13 @@ def test_prompt_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(prompts, "_encode_classes", boom)
     again = prompts.text_features(model, ["wood", "screw"], cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(again, first[[1, 0]])
-    other = clip_text.load(tmp_path / "conv", activation="quick_gelu")  # a different key
+    other = towers.load_clip_text(tmp_path / "conv", activation="quick_gelu")  # a different key
     with pytest.raises(AssertionError, match="encoder ran"):
         prompts.text_features(other, ["wood"], cache_dir=tmp_path / "cache")
 
 
 def test_parity_cli(capsys, tmp_path):
-    from addinov3_jax.cli import main
+    from addinov3_jax.commands.cli import main
 
     assert main(["parity", "clip-text", "--random", "tiny", "--activation", "gelu"]) == 0
     assert "projected" in capsys.readouterr().out

@@ -15,13 +15,15 @@ import torch
 from flax import nnx
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, DINOv3ViTConfig, DINOv3ViTModel
 
-from addinov3_jax import checkpoint_io, clip_text, dinov3, predict
-from addinov3_jax import model as ad
-from addinov3_jax.checkpoint_io import CheckpointError
-from addinov3_jax.cli import main
-from addinov3_jax.weight_conversion import clip_text as clip_conv
-from addinov3_jax.weight_conversion import dinov3 as dinov3_conv
-from addinov3_jax.weight_conversion import model_dir
+from addinov3_jax.commands import predict
+from addinov3_jax.commands.cli import main
+from addinov3_jax.io import checkpoint_io, model_dir
+from addinov3_jax.io.checkpoint_io import CheckpointError
+from addinov3_jax.models import clip_text, dinov3
+from addinov3_jax.models import model as ad
+from weight_conversion import clip_text as clip_conv
+from weight_conversion import dinov3 as dinov3_conv
+from weight_conversion import model_dir as model_conv
 
 
 @pytest.fixture(scope="module")
@@ -82,29 +84,29 @@ def test_convert_model_assembles_a_directory_predict_accepts(hf_dirs, tmp_path):
     assert main(["convert", "model", "--dinov3", str(hf_dirs / "dinov3"), "--clip-text",
                  str(tmp_path / "clip"), "--adapters", str(tmp_path / "adapters"), "--output",
                  str(tmp_path / "model")]) == 0
-    spec = json.loads((tmp_path / "model" / ad.MODEL_FILE).read_text())
+    spec = json.loads((tmp_path / "model" / model_dir.MODEL_FILE).read_text())
     assert {spec[k] for k in ("backbone", "text_tower", "adapters")} == {"backbone", "text_tower",
                                                                         "adapters"}
     assert spec["head"]["text_layout"] == "interleave"
     model = predict.load_model(tmp_path / "model")
     assert model.backbone.config == dinov3.VARIANTS["tiny"]
-    ref = ad.load(backbone=tmp_path / "model" / "backbone", text_tower=tmp_path / "clip",
+    ref = model_dir.load(backbone=tmp_path / "model" / "backbone", text_tower=tmp_path / "clip",
                   adapters=tmp_path / "adapters")
     x = np.random.default_rng(0).standard_normal((1, 32, 32, 3)).astype(np.float32)
     np.testing.assert_allclose(model.predict(x, "wood")[0], ref.predict(x, "wood")[0], atol=1e-6)
     # Adapters whose feature layers do not exist in the backbone are refused before writing.
     with pytest.raises(CheckpointError, match=r"feature layers \(5, 11, 17, 23\) do not exist"):
-        model_dir.convert_model(hf_dirs / "dinov3", tmp_path / "clip", pth, tmp_path / "bad")
+        model_conv.convert_model(hf_dirs / "dinov3", tmp_path / "clip", pth, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
 
 def test_model_save_uses_the_same_writer(tmp_path):
     model = ad.ADDinoV3(dinov3.create("tiny", rngs=nnx.Rngs(0)), clip_text.create("tiny", rngs=nnx.Rngs(1)),
                         ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
-    ad.save(model, tmp_path / "m")
+    model_dir.save(model, tmp_path / "m")
     (tmp_path / "m" / "stale").write_text("x")
-    ad.save(model, tmp_path / "m", backbone=str(tmp_path / "m2_bb"))  # re-save replaces the whole dir
-    spec = json.loads((tmp_path / "m" / ad.MODEL_FILE).read_text())
+    model_dir.save(model, tmp_path / "m", backbone=str(tmp_path / "m2_bb"))  # re-save replaces the whole dir
+    spec = json.loads((tmp_path / "m" / model_dir.MODEL_FILE).read_text())
     assert spec["backbone"] == str((tmp_path / "m2_bb").absolute())  # referenced, absolute
     assert not (tmp_path / "m" / "stale").exists() and not (tmp_path / "m" / "backbone").exists()
 
@@ -126,7 +128,7 @@ def test_hf_sources_offline_from_the_cache(hf_dirs, tmp_path):
     official_adapters(tmp_path / "99.pth")
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
-    exe = [sys.executable, "-m", "addinov3_jax.cli"]
+    exe = [sys.executable, "-m", "addinov3_jax.commands.cli"]
     res = subprocess.run([*exe, "convert", "dinov3", "--source", "hf://facebook/dinov3-tiny-pretrain-lvd1689m",
                           "--output", str(tmp_path / "bb")], env=env, capture_output=True, text=True,
                          timeout=300)

@@ -168,7 +168,7 @@ def test_preprocess_matches_official_transform(syn):
     np.testing.assert_array_equal(ex["mask"], m.astype(np.float32))
     assert ex["image"].shape == (40, 48, 3) and ex["label"] == 1
     # The backbone's statistics (e.g. the SAT-493M weights') are what the pipeline applies.
-    from addinov3_jax import dinov3
+    from addinov3_jax.models import dinov3
 
     sat = dinov3.VARIANTS["vitl16_sat493m"]
     assert sat.pixel_mean != dinov3.IMAGENET_MEAN
@@ -308,7 +308,7 @@ def test_bad_meta_json_and_duplicates(tmp_path):
 
 
 def test_data_cli(tmp_path, capsys):
-    from addinov3_jax.cli import main
+    from addinov3_jax.commands.cli import main
 
     assert main(["data", "synthetic", "--output", str(tmp_path / "s"), "--size", "48",
                  "--normal", "1", "--per-defect", "1"]) == 0

@@ -13,9 +13,11 @@ import torch
 from flax import nnx
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-from addinov3_jax import checkpoint_io, dinov3, parity
-from addinov3_jax.checkpoint_io import CheckpointError
-from addinov3_jax.weight_conversion import dinov3 as conv
+from addinov3_jax.commands import parity
+from addinov3_jax.io import checkpoint_io, towers
+from addinov3_jax.io.checkpoint_io import CheckpointError
+from addinov3_jax.models import dinov3
+from weight_conversion import dinov3 as conv
 
 CONFIGS = {
     "mlp": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -67,7 +69,7 @@ def test_matches_transformers(tmp_path, name, size):
     assert not torch.allclose(ref.model.layer[0].layer_scale1.lambda1, torch.ones(1))
     assert not torch.allclose(ref.norm.weight, torch.ones(1))
     ref.save_pretrained(tmp_path)
-    model = dinov3.load(tmp_path, rope_periods="exact", scan_layers=name != "mlp")
+    model = towers.load_dinov3(tmp_path, rope_periods="exact", scan_layers=name != "mlp")
     x = np.random.default_rng(1).standard_normal((2, *size, 3)).astype(np.float32)
     assert_matches(model, ref, x)
 
@@ -112,14 +114,14 @@ def test_official_pth_path(tmp_path, rng):
     sd = official_state_dict(ref, rng)
     pth = tmp_path / "dinov3_custom_pretrain_lvd1689m-00000000.pth"
     torch.save(sd, pth)
-    from addinov3_jax.cli import main
+    from addinov3_jax.commands.cli import main
 
     assert main(["convert", "dinov3", "--source", str(pth), "--output", str(tmp_path / "conv")]) == 0
     meta = checkpoint_io.read(tmp_path / "conv", "dinov3")[1]
     assert meta["source_format"] == "official"
     assert meta["rope_periods_source"] == "checkpoint (bf16-rounded, as released)"
     assert meta["config"]["local_cls_norm"] is True
-    model = dinov3.load(tmp_path / "conv")
+    model = towers.load_dinov3(tmp_path / "conv")
     periods = np.asarray(model.rope_periods[...])
     np.testing.assert_array_equal(periods, sd["rope_embed.periods"].float().numpy())
     assert not np.array_equal(periods, dinov3.exact_periods(16))
@@ -128,7 +130,7 @@ def test_official_pth_path(tmp_path, rng):
     x = rng.standard_normal((2, 48, 80, 3)).astype(np.float32)
     assert_matches(model, ref, x)
     # Loading the .pth directly gives the same model.
-    direct = dinov3.load(pth)
+    direct = towers.load_dinov3(pth)
     np.testing.assert_array_equal(direct(x)["x_prenorm"], model(x)["x_prenorm"])
 
 
@@ -237,18 +239,18 @@ def test_bad_checkpoints(tmp_path, rng):
     with pytest.raises(CheckpointError, match=r"1 missing key\(s\): blocks.1.attn.proj.weight"):
         conv.convert_source(tmp_path / "missing.pth")
     with pytest.raises(CheckpointError, match="no such file"):
-        dinov3.load(tmp_path / "nope.pth")
+        towers.load_dinov3(tmp_path / "nope.pth")
     # A converted directory whose weights were modified is refused by checksum.
     conv.convert(pth, tmp_path / "conv")
     with open(tmp_path / "conv" / checkpoint_io.PARAMS_FILE, "r+b") as f:
         f.seek(-4, os.SEEK_END)
         f.write(b"\x00\x00\x80\x7f")
     with pytest.raises(CheckpointError, match="checksum mismatch"):
-        dinov3.load(tmp_path / "conv")
+        towers.load_dinov3(tmp_path / "conv")
 
 
 def test_parity_cli_random(capsys):
-    from addinov3_jax.cli import main
+    from addinov3_jax.commands.cli import main
 
     assert main(["parity", "dinov3", "--random", "tiny", "--image-size", "48,64"]) == 0
     out = capsys.readouterr().out
@@ -256,7 +258,7 @@ def test_parity_cli_random(capsys):
 
 
 def test_parity_cli_source(tmp_path, rng, capsys):
-    from addinov3_jax.cli import main
+    from addinov3_jax.commands.cli import main
 
     torch.save(official_state_dict(hf_model("mlp", seed=5), rng), tmp_path / "official.pth")
     assert main(["parity", "dinov3", "--source", str(tmp_path / "official.pth"),
@@ -269,7 +271,7 @@ def test_vit7b_lowers_with_fsdp_mesh():
     code = textwrap.dedent("""
         import jax, jax.numpy as jnp
         from flax import nnx
-        from addinov3_jax import dinov3, sharding
+        from addinov3_jax.models import dinov3, sharding
         mesh = sharding.make_mesh(data=1, fsdp=8)
         model = nnx.eval_shape(lambda: dinov3.create("vit7b16", rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(model)

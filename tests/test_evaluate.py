@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from addinov3_jax import evaluate, predict
-from addinov3_jax import model as ad
+from addinov3_jax.commands import predict
 from addinov3_jax.data import synthetic
+from addinov3_jax.io import model_dir
+from addinov3_jax.runtime import evaluator as evaluate
 
 KEYS = {"image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
         "pixel_aupro", "num_images"}
@@ -80,8 +81,8 @@ def test_predict_on_mixed_size_folder(tiny, tmp_path):
         img = (np.random.default_rng(i).random((h, w, 3)) * 255).astype(np.uint8)
         Image.fromarray(img).save(_mk(tmp_path / "in" / ("sub" if i else "") / f"img{i}.png"))
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "in" / "gray.png")
-    ad.save(tiny, tmp_path / "model")
-    from addinov3_jax.cli import main
+    model_dir.save(tiny, tmp_path / "model")
+    from addinov3_jax.commands.cli import main
 
     assert main(["predict", "--checkpoint", str(tmp_path / "model"), "--class-name", "widget",
                  "--output", str(tmp_path / "out"), "--image-size", "64", "--batch-size", "2",
@@ -105,7 +106,7 @@ def test_predict_on_mixed_size_folder(tiny, tmp_path):
 
 
 def test_demo_end_to_end_quick(tmp_path):
-    from addinov3_jax import demo
+    from addinov3_jax.commands import demo
 
     assert demo.run(workdir=str(tmp_path), quick=True) == 0
     for name in ("results.json", "results_untrained.json", "results.md", "demo_report.json"):
@@ -131,9 +132,9 @@ def test_demo_end_to_end_quick(tmp_path):
 
 
 def test_demo_with_converted_towers(tiny, tmp_path):
-    from addinov3_jax import demo
+    from addinov3_jax.commands import demo
 
-    ad.save(tiny, tmp_path / "towers")  # converted backbone/ and text_tower/ directories
+    model_dir.save(tiny, tmp_path / "towers")  # converted backbone/ and text_tower/ directories
     assert demo.run(workdir=str(tmp_path / "run"), quick=True, image_size=64,
                     dinov3=str(tmp_path / "towers" / "backbone"),
                     clip_text=str(tmp_path / "towers" / "text_tower"), shots=()) == 0

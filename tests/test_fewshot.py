@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from addinov3_jax import dinov3, fewshot, sharding
 from addinov3_jax.data import pipeline, readers, synthetic
 from addinov3_jax.data.records import DataError, Record
+from addinov3_jax.models import dinov3, fewshot, sharding
 
 
 def unit(x):

@@ -13,10 +13,13 @@ from flax import nnx
 from PIL import Image
 
 from addinov3_jax import config as config_lib
-from addinov3_jax import evaluate, fewshot, inference
-from addinov3_jax import model as ad
 from addinov3_jax.data import readers, synthetic
 from addinov3_jax.data.records import DataError
+from addinov3_jax.io import model_dir
+from addinov3_jax.models import fewshot
+from addinov3_jax.models import model as ad
+from addinov3_jax.runtime import evaluator as evaluate
+from addinov3_jax.runtime import inference
 
 OPTS = evaluate.EvalOptions(image_size=64, batch_size=8, heatmaps_per_category=0, curves=False)
 
@@ -120,7 +123,7 @@ def test_eval_with_shots_writes_the_schema_and_train_references(tiny, syn, tmp_p
 
 def test_sharded_bank_equals_replicated_bank(tiny, syn, tmp_path):
     """`shard_bank=True` splits the bank's rows over the 8 devices: same metrics within 1e-6."""
-    from addinov3_jax import sharding
+    from addinov3_jax.models import sharding
 
     runs = {}
     for shard in (False, True):
@@ -167,7 +170,7 @@ def test_config_fields(tmp_path):
     bad.eval.shot_seeds = ()
     with pytest.raises(config_lib.ConfigError, match="eval.shot_seeds"):
         config_lib.validate(bad)
-    from addinov3_jax.cli import load_config
+    from addinov3_jax.commands.cli import load_config
 
     demo = str(Path(__file__).parents[1] / "configs" / "demo.py")
     c = load_config(demo, ["--config.eval.shots=2", "--config.eval.shot_seeds=(0,1,2)"])
@@ -177,8 +180,8 @@ def test_config_fields(tmp_path):
 
 
 def test_predict_with_reference_folder(tiny, syn, tmp_path, capsys):
-    ad.save(tiny, tmp_path / "model")
-    from addinov3_jax.cli import main
+    model_dir.save(tiny, tmp_path / "model")
+    from addinov3_jax.commands.cli import main
 
     out = tmp_path / "out"
     args = ["predict", "--checkpoint", str(tmp_path / "model"), "--class-name", "pill", "--output",

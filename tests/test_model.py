@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from addinov3_jax import checkpoint_io, clip_text, dinov3, losses
-from addinov3_jax import model as ad
-from addinov3_jax.weight_conversion import adapters as adapter_conv
+from addinov3_jax.io import checkpoint_io, model_dir
+from addinov3_jax.models import clip_text, dinov3, losses
+from addinov3_jax.models import model as ad
+from weight_conversion import adapters as adapter_conv
 
 TAPS = (1, 3, 0, 2)  # any order; on the 4-block tiny backbone
 
@@ -203,7 +204,7 @@ def official_adapter_file(path, rng, visual=64, text=64):
 
 def test_official_adapter_checkpoint(tmp_path, rng):
     sd = official_adapter_file(tmp_path / "99.pth", rng)
-    from addinov3_jax.cli import main
+    from addinov3_jax.commands.cli import main
 
     assert main(["convert", "adapters", "--source", str(tmp_path / "99.pth"),
                  "--output", str(tmp_path / "adapters"), "--feature-layers", "1,3,0,2"]) == 0
@@ -218,8 +219,9 @@ def test_official_adapter_checkpoint(tmp_path, rng):
                 np.testing.assert_array_equal(v, sd[group][k].numpy())
     # Used with the official layout, the converted adapters reproduce the official maps.
     base = tiny_model("interleave")
-    ad.save(base, tmp_path / "model")
-    model = ad.load(backbone=tmp_path / "model" / "backbone", text_tower=tmp_path / "model" / "text_tower",
+    model_dir.save(base, tmp_path / "model")
+    model = model_dir.load(backbone=tmp_path / "model" / "backbone",
+                           text_tower=tmp_path / "model" / "text_tower",
                     adapters=tmp_path / "adapters")
     assert model.config.text_layout == "interleave" and model.config.feature_layers == TAPS
     images = rng.standard_normal((1, 32, 32, 3)).astype(np.float32)
@@ -237,8 +239,8 @@ def test_official_adapter_checkpoint(tmp_path, rng):
 def test_save_and_load_model_directory(tmp_path, rng):
     model = tiny_model("stack", image_score="max")
     model.adapters.cls.set_value(model.adapters.cls[...] * 3)
-    ad.save(model, tmp_path / "m")
-    loaded = ad.load(tmp_path / "m")
+    model_dir.save(model, tmp_path / "m")
+    loaded = model_dir.load(tmp_path / "m")
     assert loaded.config == model.config
     images = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
     for a, b in zip(model.predict(images, "wood"), loaded.predict(images, "wood"), strict=True):

@@ -10,10 +10,13 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from addinov3_jax import clip_text, dinov3, plots, predict, prompts
-from addinov3_jax import model as ad
-from addinov3_jax.cli import main
+from addinov3_jax import plots
+from addinov3_jax.commands import predict
+from addinov3_jax.commands.cli import main
 from addinov3_jax.data.records import DataError
+from addinov3_jax.io import model_dir as model_io
+from addinov3_jax.models import clip_text, dinov3, prompts
+from addinov3_jax.models import model as ad
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +24,7 @@ def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("predict") / "model"
     tiny = ad.ADDinoV3(dinov3.create("tiny", rngs=nnx.Rngs(0)), clip_text.create("tiny", rngs=nnx.Rngs(1)),
                        ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
-    ad.save(tiny, path)
+    model_io.save(tiny, path)
     return path
 
 
@@ -65,7 +68,7 @@ def test_unreadable_inputs_are_skipped_and_reported(model_dir, tmp_path, capsys)
 def test_crash_keeps_finished_batches(model_dir, tmp_path, monkeypatch):
     folder = images(tmp_path / "in", n=4)
     model = predict.load_model(model_dir)
-    from addinov3_jax import inference
+    from addinov3_jax.runtime import inference
 
     calls = []
     real = inference.Predictor.__call__

@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from addinov3_jax import clip_text, dinov3, evaluate, sharding
 from addinov3_jax import config as config_lib
-from addinov3_jax import model as ad
 from addinov3_jax.data import synthetic
+from addinov3_jax.io import model_dir as model_io
+from addinov3_jax.io import towers
+from addinov3_jax.models import clip_text, dinov3, sharding
+from addinov3_jax.models import model as ad
+from addinov3_jax.runtime import evaluator as evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("pill", "weave")
@@ -37,7 +40,7 @@ def model_dir(tmp_path_factory):
         ls.set_value(jnp.ones_like(ls[...]))
     text = clip_text.create("tiny", rngs=nnx.Rngs(1))
     model = ad.ADDinoV3(backbone, text, ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
-    return ad.save(model, tmp_path_factory.mktemp("scale_model") / "model")
+    return model_io.save(model, tmp_path_factory.mktemp("scale_model") / "model")
 
 
 def _metrics(results):
@@ -57,7 +60,7 @@ def test_eval_on_eight_devices_equals_one(model_dir, syn, tmp_path):
     runs = {}
     for name, mesh in (("one", sharding.make_mesh(1, 1, 1)), ("data8", sharding.make_mesh(8, 1, 1)),
                        ("fsdp4_tensor2", sharding.make_mesh(1, 4, 2))):
-        model = ad.load(model_dir, mesh=mesh, rules=sharding.DEFAULT_RULES)
+        model = model_io.load(model_dir, mesh=mesh, rules=sharding.DEFAULT_RULES)
         runs[name] = evaluate.evaluate(model, [("synthetic", str(syn), CLASSES)], tmp_path / name,
                                        opts=opts, mesh=mesh)
     _assert_same(runs["one"], runs["data8"])
@@ -65,7 +68,7 @@ def test_eval_on_eight_devices_equals_one(model_dir, syn, tmp_path):
 
 
 def _eval_cmd(workdir, syn, *extra):
-    return [sys.executable, "-m", "addinov3_jax.cli", "eval", "--config",
+    return [sys.executable, "-m", "addinov3_jax.commands.cli", "eval", "--config",
             str(REPO / "configs" / "demo.py"), "--workdir", str(workdir),
             "--config.data.image_size=64", "--config.eval.batch_size=8",
             "--config.eval.heatmaps_per_category=0", "--config.eval.curves=False",
@@ -97,7 +100,7 @@ def test_two_process_eval_equals_one_process(model_dir, syn, tmp_path):
 
 def test_plan_vit7b_fsdp8_splits_the_parameters():
     res = subprocess.run(
-        [sys.executable, "-m", "addinov3_jax.cli", "plan", "--config",
+        [sys.executable, "-m", "addinov3_jax.commands.cli", "plan", "--config",
          str(REPO / "configs" / "train_visa.py"), "--json", "--config.model.backbone=vit7b16",
          "--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.train.batch_size=64",
          "--config.data.image_size=512"],
@@ -124,7 +127,7 @@ def test_plan_vit7b_fsdp8_splits_the_parameters():
 
 def test_load_reads_converted_weights_shard_by_shard(model_dir, monkeypatch):
     """A converted directory is read slice by slice: no read ever returns a whole sharded tensor."""
-    from addinov3_jax import checkpoint_io
+    from addinov3_jax.io import checkpoint_io
 
     reads = []
     original = checkpoint_io.Tensors.read
@@ -136,7 +139,7 @@ def test_load_reads_converted_weights_shard_by_shard(model_dir, monkeypatch):
 
     monkeypatch.setattr(checkpoint_io.Tensors, "read", spy)
     mesh = sharding.make_mesh(1, 8, 1)
-    backbone = dinov3.load(str(Path(model_dir) / "backbone"), mesh=mesh, rules=sharding.DEFAULT_RULES)
+    backbone = towers.load_dinov3(str(Path(model_dir) / "backbone"), mesh=mesh, rules=sharding.DEFAULT_RULES)
     kernel = {k: n for k, n, _ in reads}["blocks.mlp.fc1.kernel"]
     assert kernel * 8 == int(np.prod(backbone.blocks.mlp.fc1.kernel.shape))
     sliced = [k for k, n, full in reads if n < full]
@@ -154,7 +157,7 @@ def test_load_reads_converted_weights_shard_by_shard(model_dir, monkeypatch):
     (["--config.model.feature_layers=(0, 1, 9)"], ["model.feature_layers", "9"]),
 ], ids=["unknown-key", "wrong-type", "enum", "enum-cache", "mesh", "image-size", "warmup", "taps"])
 def test_bad_config_is_one_clear_line(args, fragments, tmp_path):
-    res = subprocess.run([sys.executable, "-m", "addinov3_jax.cli", "train", "--config",
+    res = subprocess.run([sys.executable, "-m", "addinov3_jax.commands.cli", "train", "--config",
                           str(REPO / "configs" / "demo.py"), "--workdir", str(tmp_path / "w"), *args],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
@@ -188,13 +191,13 @@ def test_model_dir_records_the_trained_text_activation(tmp_path):
     it with GELU again (model.json records it), unless told otherwise."""
     backbone = dinov3.create("tiny", rngs=nnx.Rngs(0))
     text = clip_text.create("tiny", activation="quick_gelu", rngs=nnx.Rngs(1))
-    ad.save(ad.ADDinoV3(text_tower=text, backbone=backbone, config=ad.HeadConfig(
+    model_io.save(ad.ADDinoV3(text_tower=text, backbone=backbone, config=ad.HeadConfig(
         feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2)), tmp_path / "towers")
     model = ad.ADDinoV3(backbone, text, ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
-    ad.save(model, tmp_path / "model", text_tower=str(tmp_path / "towers" / "text_tower"),
+    model_io.save(model, tmp_path / "model", text_tower=str(tmp_path / "towers" / "text_tower"),
             text_activation="gelu")
     assert json.loads((tmp_path / "model" / "model.json").read_text())["text_activation"] == "gelu"
-    assert ad.load(tmp_path / "model").text_tower.config.activation == "gelu"
-    assert ad.load(tmp_path / "model", text_activation="quick_gelu").text_tower.config.activation \
+    assert model_io.load(tmp_path / "model").text_tower.config.activation == "gelu"
+    assert model_io.load(tmp_path / "model", text_activation="quick_gelu").text_tower.config.activation \
         == "quick_gelu"
-    assert clip_text.load(str(tmp_path / "towers" / "text_tower")).config.activation == "quick_gelu"
+    assert towers.load_clip_text(str(tmp_path / "towers" / "text_tower")).config.activation == "quick_gelu"

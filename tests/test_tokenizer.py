@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 from transformers import CLIPTokenizer
 
-from addinov3_jax import prompts
-from addinov3_jax.tokenizer import EOT_ID, SOT_ID, Tokenizer, TokenizerError, default_tokenizer, tokenize
+from addinov3_jax.models import prompts
+from addinov3_jax.models.tokenizer import (
+    EOT_ID,
+    SOT_ID,
+    Tokenizer,
+    TokenizerError,
+    default_tokenizer,
+    tokenize,
+)
 
 # The 34 object words of shared/reference/clip_text.md §3.3 (12 states x 35 templates x 34 = 14,280).
 WORDS = ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
@@ -43,7 +50,7 @@ def test_edge_cases_match_transformers(hf_tokenizer, text):
 
 
 def test_reference_ids():
-    from addinov3_jax import clip_text
+    from addinov3_jax.models import clip_text
 
     assert clip_text.tokenize is tokenize  # the documented public name
     assert tokenize("a bad photo of a bottle.")[0, :9].tolist() == [
@@ -90,7 +97,7 @@ def test_hf_files_round_trip(tmp_path):
 def test_missing_vocabulary_is_explained(tmp_path, monkeypatch):
     import importlib.metadata
 
-    from addinov3_jax import tokenizer
+    from addinov3_jax.models import tokenizer
 
     with pytest.raises(TokenizerError, match="missing.txt.gz: CLIP BPE vocabulary file not found"):
         tokenizer.find_vocab(tmp_path / "missing.txt.gz")

@@ -16,8 +16,9 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from addinov3_jax import config as config_lib
-from addinov3_jax import dinov3, sharding, train
 from addinov3_jax.data import synthetic
+from addinov3_jax.models import dinov3, sharding
+from addinov3_jax.runtime import trainer as train
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "shardings_tiny_fsdp.json"
@@ -93,7 +94,7 @@ def test_cached_equals_uncached(data, tmp_path):
 
 
 def _train_cmd(data, workdir, epochs=4):
-    return [sys.executable, "-m", "addinov3_jax.cli", "train", "--config",
+    return [sys.executable, "-m", "addinov3_jax.commands.cli", "train", "--config",
             str(REPO / "configs" / "demo.py"), "--workdir", str(workdir),
             f"--config.data.root={data}", f"--config.data.classes={CLASSES!r}",
             "--config.data.image_size=64", f"--config.train.epochs={epochs}",
@@ -231,15 +232,15 @@ def test_sharded_state_has_no_full_copies(data, tmp_path):
     whole copy of any of them (live-buffer accounting on the simulated devices)."""
     import gc
 
-    from addinov3_jax import towers
+    from addinov3_jax.runtime import setup
 
     cfg = tiny_config(data)
     mesh = sharding.make_mesh(1, 8, 1)
     rules = sharding.DEFAULT_RULES
     gc.collect()
     before = {id(a) for a in jax.live_arrays()}
-    backbone = towers.backbone(cfg.model, mesh, rules, 0)
-    state, _ = train.init_train_state(towers.adapters_fn(64, 32, 4, 0), optax_adamw(), mesh, rules)
+    backbone = setup.backbone(cfg.model, mesh, rules, 0)
+    state, _ = train.init_train_state(setup.adapters_fn(64, 32, 4, 0), optax_adamw(), mesh, rules)
     gc.collect()
     new = [a for a in jax.live_arrays() if id(a) not in before]
     sharded = {}

@@ -18,7 +18,9 @@ import numpy as np
 from flax import nnx
 
 from addinov3_jax import config as config_lib
-from addinov3_jax import sharding, towers, train
+from addinov3_jax.models import sharding
+from addinov3_jax.runtime import setup
+from addinov3_jax.runtime import trainer as train
 
 
 def _bytes(abstract_state, shardings) -> tuple[int, int]:
@@ -49,20 +51,20 @@ def plan(config) -> dict[str, Any]:
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = cfg.mesh.rules
     m, b, size = cfg.model, cfg.train.batch_size, cfg.data.image_size
-    bb = towers.abstract_backbone(m)
+    bb = setup.abstract_backbone(m)
     graphdef, bb_state = nnx.split(bb)
     bb_shardings = sharding.state_shardings(bb_state, mesh, rules)
     bb_total, bb_dev = _bytes(bb_state, bb_shardings)
-    text_state = nnx.state(towers.abstract_text_tower(m))
+    text_state = nnx.state(setup.abstract_text_tower(m))
     text_total, text_dev = _bytes(text_state, sharding.state_shardings(text_state, mesh, rules))
-    text_dim = towers.text_dim(m)
+    text_dim = setup.text_dim(m)
     head_cfg = train.head_config(cfg)
     n_layers = len(head_cfg.feature_layers)
     grid = (size // bb.config.patch_size,) * 2
     tokens, dim = grid[0] * grid[1], bb.config.embed_dim
 
     tx, _ = train.make_optimizer(cfg, 1000)
-    create = towers.adapters_fn(dim, text_dim, n_layers, cfg.seed)
+    create = setup.adapters_fn(dim, text_dim, n_layers, cfg.seed)
     abstract_state, state_shardings = train.abstract_train_state(create, tx, mesh, rules)
     st_total, st_dev = _bytes(abstract_state, state_shardings)
 
@@ -92,8 +94,8 @@ def plan(config) -> dict[str, Any]:
         step_c = step.lower(_with_shardings(abstract_state, state_shardings), frozen, batch).compile()
     feature_mem, step_mem = _memory(feature_c), _memory(step_c)
     extra = {}
-    if m.backbone in towers.dinov3.VARIANTS:  # random init, materialized sharded (towers.py)
-        create = towers.backbone_init_fn(m, cfg.seed)
+    if m.backbone in setup.dinov3.VARIANTS:  # random init, materialized sharded (towers.py)
+        create = setup.backbone_init_fn(m, cfg.seed)
         init_c = jax.jit(lambda: nnx.state(create()), out_shardings=bb_shardings).lower().compile()
         extra["backbone_init"] = _memory(init_c)
     return {

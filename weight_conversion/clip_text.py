@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from addinov3_jax import checkpoint_io, tokenizer
-from addinov3_jax.checkpoint_io import CheckpointError
-from addinov3_jax.clip_text import VARIANTS, Config
-from addinov3_jax.weight_conversion import common
+from addinov3_jax.io import checkpoint_io
+from addinov3_jax.io.checkpoint_io import CheckpointError
+from addinov3_jax.models import tokenizer
+from addinov3_jax.models.clip_text import VARIANTS, Config
+from weight_conversion import common
 
 ARCHITECTURE = "clip_text"
 
@@ -219,7 +220,7 @@ def convert_source(path, *, variant: str | None = None, activation: str | None =
     name, cfg = infer_config(sd, activation=act, num_heads=num_heads,
                              hint=Path(source.removeprefix(common.HF_PREFIX)).name)
     if variant is not None:
-        from addinov3_jax.clip_text import get_config
+        from addinov3_jax.models.clip_text import get_config
 
         name, cfg = variant, get_config(variant, act)
     params = openai_to_params(sd, cfg, source=str(path))

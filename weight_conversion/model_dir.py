@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from addinov3_jax import checkpoint_io
-from addinov3_jax.checkpoint_io import CheckpointError
-from addinov3_jax.weight_conversion import adapters as adapter_conv
-from addinov3_jax.weight_conversion import clip_text as clip_conv
-from addinov3_jax.weight_conversion import dinov3 as dinov3_conv
+from addinov3_jax.io import checkpoint_io, model_dir
+from addinov3_jax.io.checkpoint_io import CheckpointError
+from weight_conversion import adapters as adapter_conv
+from weight_conversion import clip_text as clip_conv
+from weight_conversion import dinov3 as dinov3_conv
 
 
 def _dinov3_part(source):
@@ -48,7 +48,7 @@ def _adapters_part(source):
 def convert_model(dinov3, clip_text, adapters, output, *, activation: str | None = None,
                   overwrite: bool = False) -> dict[str, Any]:
     """Assembles `output`; returns `model.json`'s content plus each tower's variant."""
-    from addinov3_jax import model as ad
+    from addinov3_jax.models import model as ad
 
     checkpoint_io.check_output(output, overwrite=overwrite)
     backbone, bb_meta = _dinov3_part(dinov3)
@@ -67,7 +67,7 @@ def convert_model(dinov3, clip_text, adapters, output, *, activation: str | None
                         f"a {depth}-block backbone (convert them with --feature-layers)")
     if problems:
         raise CheckpointError(f"{adapters}: does not fit the towers: " + "; ".join(problems))
-    ad.write_dir(output, head, adapters=adapter_part, backbone=backbone, text_tower=text,
+    model_dir.write_dir(output, head, adapters=adapter_part, backbone=backbone, text_tower=text,
                  link=False, overwrite=overwrite)
     return {"backbone_variant": bb_meta["variant"], "text_tower_variant": tt_meta["variant"],
             "head": head.to_dict()}

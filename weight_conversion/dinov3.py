@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from addinov3_jax import checkpoint_io
-from addinov3_jax.checkpoint_io import CheckpointError
-from addinov3_jax.dinov3 import VARIANTS, Config, bf16_periods, exact_periods
-from addinov3_jax.weight_conversion import common
+from addinov3_jax.io import checkpoint_io
+from addinov3_jax.io.checkpoint_io import CheckpointError
+from addinov3_jax.models.dinov3 import VARIANTS, Config, bf16_periods, exact_periods
+from weight_conversion import common
 
 ARCHITECTURE = "dinov3"
 
@@ -314,7 +314,7 @@ def convert_source(
     else:
         periods_source = "exact"
     if variant is not None:
-        from addinov3_jax.dinov3 import get_config
+        from addinov3_jax.models.dinov3 import get_config
 
         name, cfg = variant, get_config(variant)
     else:

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from addinov3_jax import checkpoint_io
-from addinov3_jax.checkpoint_io import CheckpointError
+from addinov3_jax.io import checkpoint_io
+from addinov3_jax.io.checkpoint_io import CheckpointError
 
 ARCHITECTURE = "adapters"
 # (official state dict, our parameter)
@@ -59,7 +59,7 @@ def params_to_official(params: dict[str, np.ndarray]) -> dict[str, dict[str, np.
 
 
 def load_official(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
-    from addinov3_jax.weight_conversion import common
+    from weight_conversion import common
 
     obj = common.torch_load(path)
     if not isinstance(obj, dict):
@@ -83,8 +83,8 @@ def convert(source, output, *, feature_layers=(5, 11, 17, 23), overwrite: bool =
     The head metadata records the official behaviour these weights were trained with:
     `text_layout="interleave"`; their object words came from image paths (`class_name_source`).
     """
-    from addinov3_jax.model import HeadConfig
-    from addinov3_jax.weight_conversion import common
+    from addinov3_jax.models.model import HeadConfig
+    from weight_conversion import common
 
     checkpoint_io.check_output(output, overwrite=overwrite)
     params = official_to_params(load_official(source), source=str(source))

@@ -25,8 +25,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from addinov3_jax import fewshot, sharding
-from addinov3_jax import model as ad
+from addinov3_jax.models import fewshot, sharding
+from addinov3_jax.models import model as ad
 
 
 def default_mesh(batch_size: int | None = None):

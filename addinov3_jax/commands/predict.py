@@ -38,11 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
-from addinov3_jax import fewshot, plots
-from addinov3_jax import model as ad
+from addinov3_jax import plots
 from addinov3_jax.data.pipeline import Preprocess, preprocess_image
 from addinov3_jax.data.records import IMAGE_SUFFIXES, DataError, decode_image
-from addinov3_jax.inference import Predictor, default_mesh, gather
+from addinov3_jax.io import model_dir
+from addinov3_jax.models import fewshot
+from addinov3_jax.models import model as ad
+from addinov3_jax.runtime.inference import Predictor, default_mesh, gather
 
 SCALES = ("run", "fixed")
 CSV_FIELDS = ("image", "name", "score", "max_pixel", "width", "height")
@@ -79,25 +81,25 @@ def expand(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[dict]]
     return out, skipped
 
 
-def model_dir(checkpoint: str | os.PathLike) -> Path:
+def resolve_model_dir(checkpoint: str | os.PathLike) -> Path:
     """The model directory (`model.json`) of a model dir or of a training workdir (`model/`)."""
     path = Path(checkpoint)
     for candidate in (path, path / "model"):
-        if (candidate / ad.MODEL_FILE).is_file():
+        if (candidate / model_dir.MODEL_FILE).is_file():
             return candidate
-    raise FileNotFoundError(f"{path}: neither a model directory ({ad.MODEL_FILE}) nor a training "
+    raise FileNotFoundError(f"{path}: neither a model directory ({model_dir.MODEL_FILE}) nor a training "
                             "workdir with model/ inside")
 
 
 def load_model(checkpoint: str | os.PathLike) -> ad.ADDinoV3:
     """A model directory (`model.json`) or a training workdir containing `model/`."""
-    return ad.load(model_dir(checkpoint))
+    return model_dir.load(resolve_model_dir(checkpoint))
 
 
 def text_cache_dir(checkpoint: str | os.PathLike, output: str | os.PathLike) -> Path:
     """Where the text prototypes are cached: `<model dir>/text_cache` when writable, else
     `<output>/text_cache`."""
-    candidate = model_dir(checkpoint) / "text_cache"
+    candidate = resolve_model_dir(checkpoint) / "text_cache"
     try:
         candidate.mkdir(exist_ok=True)
         if os.access(candidate, os.W_OK):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from addinov3_jax import sharding
+from addinov3_jax.models import sharding
 
 MODES = ("device", "memory", "disk")
 LABEL_KEYS = ("mask", "label", "class_id")

@@ -37,10 +37,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from addinov3_jax import dinov3
 from addinov3_jax.data import pipeline
 from addinov3_jax.data.records import DataError, Record, list_images
-from addinov3_jax.model import extract_taps, gaussian_blur, l2_normalize, upsample_bilinear
+from addinov3_jax.models import dinov3
+from addinov3_jax.models.model import extract_taps, gaussian_blur, l2_normalize, upsample_bilinear
 
 # Views per reference image, before the extra small rotations (`rotation_angles`).
 AUGMENTS = {"none": 1, "flip": 3, "rot90": 4, "dihedral": 8}

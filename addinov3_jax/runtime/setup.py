@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from addinov3_jax import checkpoint_io, clip_text, dinov3, sharding
-from addinov3_jax import model as ad
+from addinov3_jax.io import towers as io_towers
+from addinov3_jax.models import clip_text, dinov3, sharding
+from addinov3_jax.models import model as ad
 
 
 def random_sharded(create: Callable[[], nnx.Module], mesh, rules) -> nnx.Module:
@@ -44,16 +45,8 @@ def _text_fn(m, seed: int):
 
 
 def backbone_config(m) -> dinov3.Config:
-    """The backbone architecture from a variant name or a converted / original checkpoint's
-    metadata (a converted directory's weights are not read)."""
-    if m.backbone in dinov3.VARIANTS:
-        return dinov3.get_config(m.backbone)
-    from addinov3_jax.weight_conversion import dinov3 as conv
-
-    if checkpoint_io.is_converted(m.backbone):  # metadata only: no weights read, no checksums
-        meta = checkpoint_io.read_metadata(m.backbone, conv.ARCHITECTURE, verify=False)
-        return dinov3.Config.from_dict(meta["config"])
-    return conv.open_any(m.backbone)[0]
+    """The backbone architecture of `config.model` (a checkpoint's metadata only)."""
+    return io_towers.dinov3_config(m.backbone)
 
 
 def abstract_backbone(m) -> dinov3.DinoV3:
@@ -65,19 +58,12 @@ def backbone(m, mesh, rules, seed: int) -> dinov3.DinoV3:
     """The frozen DINOv3 of `config.model`, sharded by `rules` on `mesh`."""
     if m.backbone in dinov3.VARIANTS:
         return random_sharded(backbone_init_fn(m, seed), mesh, rules)
-    return dinov3.load(m.backbone, mesh=mesh, rules=rules, **tower_options(m))
+    return io_towers.load_dinov3(m.backbone, mesh=mesh, rules=rules, **tower_options(m))
 
 
 def text_config(m) -> clip_text.Config:
-    """The text tower architecture from a variant name or a checkpoint's metadata."""
-    if m.text_tower in clip_text.VARIANTS:
-        return clip_text.get_config(m.text_tower, m.text_activation or None)
-    from addinov3_jax.weight_conversion import clip_text as conv
-
-    if checkpoint_io.is_converted(m.text_tower):
-        meta = checkpoint_io.read_metadata(m.text_tower, conv.ARCHITECTURE, verify=False)
-        return clip_text.Config(**meta["config"])
-    return conv.open_any(m.text_tower)[0]
+    """The text tower architecture of `config.model` (a checkpoint's metadata only)."""
+    return io_towers.clip_text_config(m.text_tower, m.text_activation or None)
 
 
 def abstract_text_tower(m) -> clip_text.TextTower:
@@ -93,8 +79,8 @@ def text_tower(m, mesh, rules, seed: int) -> clip_text.TextTower:
     """The frozen CLIP text tower of `config.model`, sharded by `rules` on `mesh`."""
     if m.text_tower in clip_text.VARIANTS:
         return random_sharded(_text_fn(m, seed), mesh, rules)
-    return clip_text.load(m.text_tower, activation=m.text_activation or None, mesh=mesh, rules=rules,
-                          **tower_options(m))
+    return io_towers.load_clip_text(m.text_tower, activation=m.text_activation or None, mesh=mesh,
+                                    rules=rules, **tower_options(m))
 
 
 def adapters_fn(visual_dim: int, text_dim_: int, num_layers: int, seed: int):

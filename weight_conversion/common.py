@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from addinov3_jax.checkpoint_io import CheckpointError
+from addinov3_jax.io.checkpoint_io import CheckpointError
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
@@ -196,7 +196,7 @@ def source_digest(path: str | os.PathLike) -> str:
     """SHA-256 of a file, or of the sorted weight files of a directory."""
     import hashlib
 
-    from addinov3_jax.checkpoint_io import sha256_file
+    from addinov3_jax.io.checkpoint_io import sha256_file
 
     path = Path(path)
     if path.is_file():

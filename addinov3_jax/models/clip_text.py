@@ -12,16 +12,15 @@ is the paper configuration; QuickGELU reproduces OpenAI / Hugging Face CLIP.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from addinov3_jax import layers, sharding
-from addinov3_jax.sharding import ACT_HEADS, ACT_HIDDEN, ACT_MLP, ACT_TOKENS
-from addinov3_jax.tokenizer import tokenize  # noqa: F401 - public surface: clip_text.tokenize
+from addinov3_jax.models import layers, sharding
+from addinov3_jax.models.sharding import ACT_HEADS, ACT_HIDDEN, ACT_MLP, ACT_TOKENS
+from addinov3_jax.models.tokenizer import tokenize  # noqa: F401 - public surface: clip_text.tokenize
 
 ACTIVATIONS = {"gelu": layers.gelu_exact, "quick_gelu": layers.quick_gelu}
 
@@ -159,33 +158,9 @@ def create(variant: str | Config, *, activation: str | None = None, rngs: nnx.Rn
                      param_dtype=param_dtype, attention_impl=attention_impl)
 
 
-def load(path, activation: str | None = None, *, scan_layers: bool = True,
-         compute_dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-         attention_impl: str | None = None, mesh=None, rules=None) -> TextTower:
-    """Loads a converted directory or any supported source (OpenAI / OpenCLIP / HF).
-
-    `activation` overrides the one stored in the checkpoint metadata; `mesh` and `rules` place
-    the parameters sharded (read shard by shard from a converted directory).
-    """
-    from addinov3_jax import checkpoint_io
-    from addinov3_jax.weight_conversion import clip_text as conv
-
-    cfg, tensors, meta = conv.open_any(path)
-    if activation:
-        cfg = dataclasses.replace(cfg, activation=activation)
-    model = nnx.eval_shape(lambda: TextTower(cfg, rngs=nnx.Rngs(0), scan_layers=scan_layers,
-                                             compute_dtype=compute_dtype, param_dtype=param_dtype,
-                                             attention_impl=attention_impl))
-    model = checkpoint_io.materialize(model, tensors, mesh=mesh, rules=rules, source=str(path))
-    model.checkpoint_id = meta.get("files", {}).get(checkpoint_io.PARAMS_FILE) or meta.get(
-        "source_sha256")
-    model.tokenizer_dir = str(path) if Path(path).is_dir() else None
-    return model
-
-
 def load_tokenizer(path=None):
     """The tokenizer stored in a converted directory (or HF directory); the default otherwise."""
-    from addinov3_jax import tokenizer
+    from addinov3_jax.models import tokenizer
 
     if path is not None:
         try:

@@ -32,11 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from addinov3_jax import fewshot, metrics, plots, sharding
-from addinov3_jax import model as ad
+from addinov3_jax import metrics, plots
 from addinov3_jax.data import pipeline, readers
 from addinov3_jax.data.records import DataError, Record, decode_mask
-from addinov3_jax.inference import Predictor, default_mesh, gather, place_model
+from addinov3_jax.io import model_dir
+from addinov3_jax.models import fewshot, sharding
+from addinov3_jax.models import model as ad
+from addinov3_jax.runtime.inference import Predictor, default_mesh, gather, place_model
 
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
                "pixel_aupro")
@@ -325,7 +327,7 @@ def run_from_config(config, workdir: str | os.PathLike, *, model: ad.ADDinoV3 | 
     """`addinov3 eval`: the final model of `workdir` (or `model`) on `config.eval.datasets`, on
     the config's mesh (multi-host with `config.multihost`); few-shot when `config.eval.shots` > 0."""
     from addinov3_jax import config as config_lib
-    from addinov3_jax import train
+    from addinov3_jax.runtime import trainer as train
 
     config = config_lib.validate(config)
     if config.multihost:
@@ -336,15 +338,15 @@ def run_from_config(config, workdir: str | os.PathLike, *, model: ad.ADDinoV3 | 
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = config.mesh.rules
     if model is None:
-        if not (workdir / "model" / ad.MODEL_FILE).is_file():
+        if not (workdir / "model" / model_dir.MODEL_FILE).is_file():
             raise FileNotFoundError(f"{workdir / 'model'}: no trained model; run `addinov3 train` "
                                     "with the same --workdir first")
-        from addinov3_jax import towers
+        from addinov3_jax.runtime import setup
 
         # The towers as configured (dtypes, attention), the inference-time head choices of the
         # config; the text activation the adapters were trained with comes from model.json.
-        model = ad.load(workdir / "model", mesh=mesh, rules=rules,
-                        tower_options=towers.tower_options(config.model),
+        model = model_dir.load(workdir / "model", mesh=mesh, rules=rules,
+                        tower_options=setup.tower_options(config.model),
                         image_score=config.model.image_score,
                         smoothing_sigma=config.model.smoothing_sigma)
     else:

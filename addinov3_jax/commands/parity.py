@@ -148,12 +148,12 @@ def dinov3(*, source=None, random_variant=None, image_size=(224, 224), seed=0, b
     `dtype="bfloat16"`, our bf16 forward with the reference and with our fp32 forward)."""
     _check_dtype(dtype)
     torch, transformers = _torch()
-    from addinov3_jax import checkpoint_io
-    from addinov3_jax import dinov3 as d3
-    from addinov3_jax.weight_conversion import dinov3 as conv
+    from addinov3_jax.io import checkpoint_io, towers
+    from addinov3_jax.models import dinov3 as d3
+    from weight_conversion import dinov3 as conv
 
     if source is not None:
-        model = d3.load(source)
+        model = towers.load_dinov3(source)
         cfg = model.config
         sd = conv.params_to_official(checkpoint_io.flat_params(model), cfg)
         title = f"DINOv3 parity: {source}"
@@ -210,12 +210,13 @@ def clip_text(*, source=None, random_variant=None, activation="quick_gelu", seed
     torch, transformers = _torch()
     from flax import nnx
 
-    from addinov3_jax import checkpoint_io, prompts, tokenizer
-    from addinov3_jax import clip_text as ct
-    from addinov3_jax.weight_conversion import clip_text as conv
+    from addinov3_jax.io import checkpoint_io, towers
+    from addinov3_jax.models import clip_text as ct
+    from addinov3_jax.models import prompts, tokenizer
+    from weight_conversion import clip_text as conv
 
     if source is not None:
-        model = ct.load(source)
+        model = towers.load_clip_text(source)
         cfg = model.config
         title = f"CLIP text parity: {source} ({cfg.activation})"
     else:

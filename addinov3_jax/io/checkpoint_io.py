@@ -129,7 +129,7 @@ def _legacy_equal(key: str, expected: tuple[int, ...], actual: tuple[int, ...]) 
 
 
 def place(abstract_state: nnx.State, tensors: Tensors, shardings, *, source: str) -> nnx.State:
-    """Materializes `abstract_state` (shapes only) from `tensors`, each array directly in its
+    """Materializes `abstract_state` (shapes only) from `checkpoint_io`, each array directly in its
     target sharding (`jax.make_array_from_callback`: every device reads just its slice); no
     unsharded device copy ever exists. Key or shape mismatches are refused with a list."""
     flat = nnx.to_flat_state(abstract_state)
@@ -282,9 +282,9 @@ def open_tensors(directory: str | os.PathLike, architecture: str, *,
 
 def materialize(abstract: nnx.Module, tensors: Tensors, *, mesh=None, rules=None,
                 source: str) -> nnx.Module:
-    """`abstract` (from `nnx.eval_shape`) with its variables read from `tensors`, placed by the
+    """`abstract` (from `nnx.eval_shape`) with its variables read from `checkpoint_io`, placed by the
     logical-axis `rules` on `mesh` (or on the default device when no mesh is given)."""
-    from addinov3_jax import sharding
+    from addinov3_jax.models import sharding
 
     graphdef, state = nnx.split(abstract)
     if mesh is None:

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from addinov3_jax import layers, sharding
-from addinov3_jax.sharding import ACT_HEADS, ACT_HIDDEN, ACT_MLP, ACT_TOKENS
+from addinov3_jax.models import layers, sharding
+from addinov3_jax.models.sharding import ACT_HEADS, ACT_HIDDEN, ACT_MLP, ACT_TOKENS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -442,39 +442,3 @@ def count_params(model: nnx.Module) -> int:
     """Number of parameters (trainable `nnx.Param`s, not the RoPE periods)."""
     state = nnx.state(model, nnx.Param)
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
-
-
-def load(
-    path: str,
-    *,
-    rope_periods: str = "checkpoint",
-    scan_layers: bool = True,
-    compute_dtype: Any = jnp.float32,
-    num_heads: int | None = None,
-    param_dtype: Any = jnp.float32,
-    attention_impl: str | None = None,
-    mesh=None,
-    rules=None,
-) -> DinoV3:
-    """Loads a converted directory, an official `.pth`, an HF directory or a `.safetensors` file.
-
-    Args:
-      rope_periods: "checkpoint" uses the periods stored in the checkpoint (bf16-rounded in the
-        official `.pth` files: official parity), "exact" recomputes `100 ** (4k/d)` (HF parity).
-      num_heads: only needed for a bare checkpoint whose shapes match no released variant.
-      mesh, rules: place every parameter in its sharding (`sharding.py`); a converted directory
-        is then read shard by shard, never whole onto one device. Default: the default device.
-    """
-    from addinov3_jax import checkpoint_io
-    from addinov3_jax.weight_conversion import dinov3 as conv
-
-    if rope_periods not in ("checkpoint", "exact"):
-        raise ValueError(f"rope_periods must be 'checkpoint' or 'exact', got {rope_periods!r}")
-    cfg, tensors, _ = conv.open_any(path, num_heads=num_heads)
-    if rope_periods == "exact":
-        tensors.arrays["rope_periods"] = exact_periods(cfg.head_dim, cfg.rope_base)
-    model = nnx.eval_shape(
-        lambda: DinoV3(cfg, rngs=nnx.Rngs(0), scan_layers=scan_layers, compute_dtype=compute_dtype,
-                       param_dtype=param_dtype, attention_impl=attention_impl)
-    )
-    return checkpoint_io.materialize(model, tensors, mesh=mesh, rules=rules, source=str(path))

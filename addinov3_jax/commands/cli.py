@@ -14,7 +14,7 @@ def _convert(args: argparse.Namespace) -> int:
         if missing or args.source:
             raise UsageError("convert model takes --dinov3, --clip-text and --adapters (not --source)"
                              + (f"; missing {' '.join(missing)}" if missing else ""))
-        from addinov3_jax.weight_conversion import model_dir
+        from weight_conversion import model_dir
 
         spec = model_dir.convert_model(args.dinov3, args.clip_text, args.adapters, args.output,
                                        activation=args.activation, overwrite=args.overwrite)
@@ -24,17 +24,17 @@ def _convert(args: argparse.Namespace) -> int:
     if args.source is None:
         raise UsageError(f"convert {args.kind} needs --source PATH (or hf://ORG/REPO)")
     if args.kind == "dinov3":
-        from addinov3_jax.weight_conversion import dinov3 as conv
+        from weight_conversion import dinov3 as conv
 
         meta = conv.convert(args.source, args.output, variant=args.variant,
                             num_heads=args.num_heads, overwrite=args.overwrite)
     elif args.kind == "clip-text":
-        from addinov3_jax.weight_conversion import clip_text as conv
+        from weight_conversion import clip_text as conv
 
         meta = conv.convert(args.source, args.output, variant=args.variant,
                             activation=args.activation, vocab=args.vocab, overwrite=args.overwrite)
     else:
-        from addinov3_jax.weight_conversion import adapters as conv
+        from weight_conversion import adapters as conv
 
         layers = tuple(int(i) for i in args.feature_layers.split(","))
         meta = conv.convert(args.source, args.output, feature_layers=layers,
@@ -45,7 +45,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _parity(args: argparse.Namespace) -> int:
-    from addinov3_jax import parity
+    from addinov3_jax.commands import parity
 
     if (args.source is None) == (args.random is None):
         raise UsageError("give exactly one of --source PATH or --random VARIANT")
@@ -109,7 +109,7 @@ def _set_host_devices(config) -> None:
 def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     _set_host_devices(config)
-    from addinov3_jax import train
+    from addinov3_jax.runtime import trainer as train
 
     return train.main_entry(config, args.workdir)
 
@@ -119,7 +119,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     _set_host_devices(config)
-    from addinov3_jax import plan
+    from addinov3_jax.commands import plan
 
     p = plan.plan(config)
     print(json.dumps(p, indent=2) if args.json else plan.table(p))
@@ -184,7 +184,7 @@ def _data_synthetic(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     if "XLA_FLAGS" not in os.environ and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    from addinov3_jax import demo
+    from addinov3_jax.commands import demo
 
     return demo.run(workdir=args.workdir, seed=args.seed, dinov3=args.dinov3,
                     clip_text=args.clip_text, quick=args.quick, image_size=args.image_size)
@@ -193,7 +193,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     _set_host_devices(config)
-    from addinov3_jax import evaluate
+    from addinov3_jax.runtime import evaluator as evaluate
 
     results = evaluate.run_from_config(config, args.workdir)
     print(evaluate.markdown(results))
@@ -202,14 +202,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from addinov3_jax import predict
+    from addinov3_jax.commands import predict
 
     fs = None
     if args.reference is None:
         if args.fusion is not None or args.augment is not None:
             raise UsageError("--fusion and --augment need --reference DIR (a folder of normal images)")
     else:
-        from addinov3_jax import fewshot
+        from addinov3_jax.models import fewshot
 
         fs = fewshot.FewShotConfig(fusion=args.fusion or "add", augment=args.augment or "none")
     model = predict.load_model(args.checkpoint)
@@ -383,10 +383,10 @@ class UsageError(ValueError):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input, not a bug: reported as one line (`--debug` for the traceback)."""
-    from addinov3_jax.checkpoint_io import CheckpointError
     from addinov3_jax.data.records import DataError
-    from addinov3_jax.tokenizer import TokenizerError
-    from addinov3_jax.train import WorkdirBusy
+    from addinov3_jax.io.checkpoint_io import CheckpointError
+    from addinov3_jax.models.tokenizer import TokenizerError
+    from addinov3_jax.runtime.trainer import WorkdirBusy
 
     return (CheckpointError, DataError, TokenizerError, UsageError, WorkdirBusy, ValueError, OSError)
 

@@ -92,7 +92,7 @@ def text_features(
         context is cut to the longest sentence (identical up to fp32 rounding thanks to the causal
         mask, and several times faster).
     """
-    from addinov3_jax import clip_text
+    from addinov3_jax.models import clip_text
 
     tokenizer = tokenizer or clip_text.load_tokenizer(model.tokenizer_dir)
     words = list(dict.fromkeys(class_names))

@@ -35,11 +35,13 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from addinov3_jax import checkpointing, losses, prompts, sharding, towers
 from addinov3_jax import config as config_lib
-from addinov3_jax import model as ad
 from addinov3_jax.data import pipeline, readers
-from addinov3_jax.feature_cache import FEATURE_AXES, FeatureCache, global_batch, nbytes
+from addinov3_jax.io import model_dir
+from addinov3_jax.models import losses, prompts, sharding
+from addinov3_jax.models import model as ad
+from addinov3_jax.runtime import checkpointing, setup
+from addinov3_jax.runtime.feature_cache import FEATURE_AXES, FeatureCache, global_batch, nbytes
 
 # Test hook, "K:SIGNAL" (e.g. "5:SIGKILL", "3:SIGINT"): this process sends itself SIGNAL right
 # after step K, once the checkpoints started so far are complete, so that tests of a kill or a
@@ -372,9 +374,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         init_multihost()
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
-    bb_cfg = towers.backbone_config(cfg.model)  # metadata only
+    bb_cfg = setup.backbone_config(cfg.model)  # metadata only
     try:  # the taps against the backbone's depth, before anything is written
-        towers.dinov3.select_blocks(tuple(cfg.model.feature_layers), bb_cfg.depth)
+        setup.dinov3.select_blocks(tuple(cfg.model.feature_layers), bb_cfg.depth)
     except ValueError as e:
         raise config_lib.ConfigError(f"config field model.feature_layers: {e}") from None
     ensure_writable(workdir)
@@ -396,7 +398,7 @@ def _run(cfg: ml_collections.ConfigDict, bb_cfg, workdir: Path, is_main: bool) -
     if steps_per_epoch == 0:
         raise ValueError(f"{len(source)} training images are fewer than one batch of {t.batch_size}")
     total = t.epochs * steps_per_epoch
-    if checkpointing.latest_step(workdir) == total and (workdir / "model" / ad.MODEL_FILE).is_file():
+    if checkpointing.latest_step(workdir) == total and (workdir / "model" / model_dir.MODEL_FILE).is_file():
         if is_main:
             print(f"{workdir}: already finished ({total} steps); the model is in {workdir / 'model'}")
         return {"steps": total, "resumed_from": total, "compilations": 0, "finished": True,
@@ -411,14 +413,14 @@ def _run(cfg: ml_collections.ConfigDict, bb_cfg, workdir: Path, is_main: bool) -
                                  json.loads(cfg.to_json_best_effort()), workdir)
 
     # Frozen towers (sharded by the rules) and the text prototypes, computed once per class.
-    backbone = towers.backbone(cfg.model, mesh, rules, cfg.seed)
-    text = towers.text_tower(cfg.model, mesh, rules, cfg.seed)
+    backbone = setup.backbone(cfg.model, mesh, rules, cfg.seed)
+    text = setup.text_tower(cfg.model, mesh, rules, cfg.seed)
     with sharding.use(mesh, rules):
         table = prompts.text_features(text, list(words), cache_dir=workdir / "text_cache")
     frozen = {"text": jax.device_put(jnp.asarray(table), NamedSharding(mesh, PartitionSpec()))}
     graphdef, backbone_state = nnx.split(backbone)
 
-    create_adapters = towers.adapters_fn(bb_cfg.embed_dim, text.config.embed_dim,
+    create_adapters = setup.adapters_fn(bb_cfg.embed_dim, text.config.embed_dim,
                                          len(head_cfg.feature_layers), cfg.seed)
     state, state_shardings = init_train_state(create_adapters, tx, mesh, rules)
     feat = sharding.batch_sharding(mesh, rules, 3, axis=1)
@@ -525,7 +527,7 @@ def save_model(cfg, directory: Path, backbone, text, params, head_cfg, is_main: 
     and `eval`. Random towers are written too, so the directory is self-contained."""
     m = cfg.model
     ref = lambda p, variants: None if p in variants else str(Path(p).absolute())  # noqa: E731
-    bb_ref, tt_ref = ref(m.backbone, towers.dinov3.VARIANTS), ref(m.text_tower, towers.clip_text.VARIANTS)
+    bb_ref, tt_ref = ref(m.backbone, setup.dinov3.VARIANTS), ref(m.text_tower, setup.clip_text.VARIANTS)
     parts = {"adapters": params}
     if bb_ref is None:
         parts["backbone"] = nnx.state(backbone)
@@ -540,7 +542,7 @@ def save_model(cfg, directory: Path, backbone, text, params, head_cfg, is_main: 
         nnx.update(text, host["text"])
     model = ad.ADDinoV3(backbone, text, head_cfg, rngs=nnx.Rngs(0))
     ad.set_trainable_params(model, host["adapters"])
-    ad.save(model, directory, backbone=bb_ref, text_tower=tt_ref,
+    model_dir.save(model, directory, backbone=bb_ref, text_tower=tt_ref,
             text_activation=text.config.activation)
 
 

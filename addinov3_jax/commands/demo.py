@@ -34,9 +34,11 @@ def run(workdir: str = "demo_out", seed: int = 0, *, dinov3: str | None = None,
     from flax import nnx
 
     from addinov3_jax import config as config_lib
-    from addinov3_jax import evaluate, train
-    from addinov3_jax import model as ad
     from addinov3_jax.data import synthetic
+    from addinov3_jax.io import model_dir
+    from addinov3_jax.models import model as ad
+    from addinov3_jax.runtime import evaluator as evaluate
+    from addinov3_jax.runtime import trainer as train
 
     t0 = time.perf_counter()
     workdir = Path(workdir)
@@ -47,9 +49,9 @@ def run(workdir: str = "demo_out", seed: int = 0, *, dinov3: str | None = None,
     cfg.eval.datasets.synthetic.root = str(root)
     if dinov3:
         cfg.model.backbone = dinov3
-        from addinov3_jax import towers
+        from addinov3_jax.runtime import setup
 
-        depth = towers.backbone_config(cfg.model).depth  # metadata only, no weights read
+        depth = setup.backbone_config(cfg.model).depth  # metadata only, no weights read
         cfg.model.feature_layers = tuple(depth * (i + 1) // 4 - 1 for i in range(4))
     if clip_text:  # real text features: class names mean something again
         cfg.model.text_tower = clip_text
@@ -64,10 +66,10 @@ def run(workdir: str = "demo_out", seed: int = 0, *, dinov3: str | None = None,
     print(f"demo: training on {', '.join(cfg.data.classes)} "
           f"({evaluate.device_summary()}, backbone {cfg.model.backbone}, text {cfg.model.text_tower})")
     summary = train.train(cfg, workdir / "train")
-    from addinov3_jax import sharding
+    from addinov3_jax.models import sharding
 
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    trained = ad.load(workdir / "train" / "model", mesh=mesh, rules=cfg.mesh.rules)
+    trained = model_dir.load(workdir / "train" / "model", mesh=mesh, rules=cfg.mesh.rules)
     untrained = ad.ADDinoV3(trained.backbone, trained.text_tower, trained.config,
                             rngs=nnx.Rngs(seed + 2))  # the adapters training started from
 
