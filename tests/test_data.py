@@ -189,34 +189,69 @@ def test_train_iterator_resume_and_epochs(syn):
     for _ in range(3):
         next(it)
     state = it.get_state()
+    assert state["step"] == 3 and state["order"] == pipeline.ORDER
     rest = [b["image"] for b in it]
     again = iter(pipeline.train_dataset(src, pre, batch_size=4, seed=3, num_epochs=2))
     again.set_state(state)
     resumed = [b["image"] for b in again]
-    assert len(rest) == len(resumed) == (2 * N_SYN) // 4 - 3  # batches run across epochs
+    assert len(rest) == len(resumed) == 2 * (N_SYN // 4) - 3  # batches run across epochs
     for a, b in zip(rest, resumed, strict=True):
         np.testing.assert_array_equal(a, b)
     # Each epoch is a different permutation of the same examples.
     one = pipeline.train_dataset(src, pre, batch_size=1, seed=3, num_epochs=2)
-    ids = [int(b["class_id"][0] * 1000 + b["label"][0]) for b in one]
-    assert ids[:N_SYN] != ids[N_SYN:] and sorted(ids[:N_SYN]) == sorted(ids[N_SYN:])
+    ids = [int(b["index"][0]) for b in one]
+    assert ids[:N_SYN] != ids[N_SYN:] and sorted(ids[:N_SYN]) == sorted(ids[N_SYN:]) == list(range(N_SYN))
 
 
-def test_process_shards_partition_the_data(syn):
-    records = readers.read("synthetic", syn)[0]
-    src = pipeline.RecordSource(records)
+def _order(data):
+    return [b["index"].tolist() for b in data]
 
-    class Index:
-        def __call__(self, ex):
-            return {"path": ex["image_path"]}
 
-    seen = []
-    for shard in range(2):
-        ds = pipeline.train_dataset(src, Index(), batch_size=1, seed=0, num_epochs=1,
-                                    shard_index=shard, shard_count=2)
-        seen.append([b["path"][0] for b in ds])
-    assert not set(seen[0]) & set(seen[1])
-    assert sorted(seen[0] + seen[1]) == sorted(r.image_path for r in records)
+def test_process_rows_partition_each_global_batch(syn):
+    """Two processes reading rows [0, 4) and [4, 8) of each global batch of 8 read disjoint
+    examples and together exactly the one-process batches."""
+    src = pipeline.RecordSource(readers.read("synthetic", syn)[0])
+    one = _order(pipeline.train_dataset(src, None, batch_size=8, seed=0, num_epochs=3))
+    two = [_order(pipeline.train_dataset(src, None, batch_size=8, seed=0, num_epochs=3, rows=r))
+           for r in (range(4), range(4, 8))]
+    assert len(one) == 3 * (N_SYN // 8)
+    assert [a + b for a, b in zip(*two, strict=True)] == one
+    assert all(not set(a) & set(b) for a, b in zip(*two, strict=True))
+    assert one[0] == pipeline.epoch_order(N_SYN, 0, 0)[:8].tolist()
+
+
+def test_iterator_state_is_global_and_resumes_on_another_topology(syn):
+    """A position saved by process 1 of two resumes a one-process run (and the reverse) on the
+    same sequence of global batches; old per-process grain states are refused."""
+    src = pipeline.RecordSource(readers.read("synthetic", syn)[0])
+    kw = dict(batch_size=8, seed=5, num_epochs=3)
+    full = _order(pipeline.train_dataset(src, None, **kw))
+    it = iter(pipeline.train_dataset(src, None, rows=range(4, 8), **kw))
+    for _ in range(4):
+        next(it)
+    state = it.get_state()
+    assert state == {"order": pipeline.ORDER, "epoch": 4 // (N_SYN // 8), "step": 4,
+                     "batch_size": 8, "seed": 5, "num_examples": N_SYN}
+    resumed = iter(pipeline.train_dataset(src, None, **kw))
+    resumed.set_state(state)
+    assert _order(resumed) == full[4:]
+    back = iter(pipeline.train_dataset(src, None, rows=range(4), **kw))
+    back.set_state(state)
+    assert _order(back) == [b[:4] for b in full[4:]]
+    with pytest.raises(DataError, match="older format"):
+        back.set_state({"next_index": 12})
+    with pytest.raises(DataError, match="seed=5, this one has 6"):
+        iter(pipeline.train_dataset(src, None, **dict(kw, seed=6))).set_state(state)
+
+
+def test_ordered_batches_cover_every_example_once(syn):
+    src = pipeline.RecordSource(readers.read("synthetic", syn)[0])
+    parts = [list(pipeline.ordered_batches(src, None, batch_size=8, rows=r))
+             for r in (range(4), range(4, 8))]
+    index = np.concatenate([np.concatenate([a["index"], b["index"]]) for a, b in zip(*parts, strict=True)])
+    valid = np.concatenate([np.concatenate([a["valid"], b["valid"]]) for a, b in zip(*parts, strict=True)])
+    assert len(index) == -(-N_SYN // 8) * 8
+    np.testing.assert_array_equal(index[valid == 1], np.arange(N_SYN))
 
 
 def test_eval_dataset_is_ordered_complete_and_padded(syn):

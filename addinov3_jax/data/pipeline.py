@@ -6,15 +6,18 @@ bilinear resize to 512x512, [0, 1], normalisation with the backbone's pixel mean
 for the LVD-1689M weights); masks resized the same way and binarised (> 0.5, VisA > 0). The one
 implementation is `preprocess_image` / `preprocess_mask`, also used by `predict`.
 
-* `train_dataset`: seeded shuffle that changes every epoch, per-process sharding, batching with
-  full batches only, optional worker prefetch; its iterator is checkpointable
-  (`get_state` / `set_state`).
+* `train_dataset`: one global order (a permutation of all examples per epoch, seeded by
+  `(seed, epoch)`) cut into full global batches, of which each process reads only its rows;
+  optional worker prefetch; its iterator is checkpointable by global position (`get_state` /
+  `set_state`), so any number of processes continues the same sequence.
+* `ordered_batches`: every example once in global batches (the feature cache's input).
 * `eval_dataset`: ordered and complete; the last batch is padded and `valid` marks real rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -129,30 +132,159 @@ def class_words(source, class_name_source: str = "readable") -> tuple[str, ...]:
     return tuple(sorted(words))
 
 
-def train_dataset(
-    source,
-    preprocess: Preprocess,
-    *,
-    batch_size: int,
-    seed: int,
-    num_epochs: int | None = None,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    worker_count: int = 0,
-) -> grain.IterDataset:
-    """Shuffled (differently every epoch), sharded, batched training data.
+ORDER = "global/1"  # the format of a training iterator's state (`TrainIterator.get_state`)
 
-    Each process takes every `shard_count`-th example starting at `shard_index` (its own disjoint
-    part), shuffles it with `seed`, repeats it `num_epochs` times (forever when None) and emits
-    full batches only. Iterate with `iter(ds)`; the iterator's `get_state()` / `set_state()`
-    checkpoint the exact position.
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The example indices of training epoch `epoch`, shuffled: a permutation seeded by
+    `(seed, epoch)`, the same on every process and for any number of processes."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    order.flags.writeable = False
+    return order
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Full global batches per epoch (the remainder of each epoch's order is dropped)."""
+    return num_examples // batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class _GlobalRows:
+    """Position `k` of a process's stream -> its example: global batch `k // len(rows)`, row
+    `rows[k % len(rows)]` of it. Global batch g is `epoch_order(e)[j*B : (j+1)*B]` for
+    `e, j = divmod(g, steps_per_epoch)` when `shuffle`, else examples `g*B ... g*B + B - 1` with
+    the last example repeated past the end (`valid = 0`). `preprocess=None` yields the index only.
     """
-    ds = grain.MapDataset.source(source)[shard_index::shard_count]
-    if len(ds) < batch_size:
-        raise DataError(f"{len(ds)} training examples on this process, fewer than one batch of "
-                        f"{batch_size}; lower the batch size")
-    ds = ds.shuffle(seed=seed).repeat(num_epochs).map(preprocess).batch(batch_size, drop_remainder=True)
-    return _prefetch(ds.to_iter_dataset(), worker_count)
+
+    source: object
+    preprocess: object
+    num_examples: int
+    batch_size: int
+    seed: int
+    rows: tuple[int, ...]
+    shuffle: bool
+
+    def __call__(self, k: int) -> dict:
+        g, r = divmod(int(k), len(self.rows))
+        pos = self.rows[r]
+        if self.shuffle:
+            epoch, j = divmod(g, steps_per_epoch(self.num_examples, self.batch_size))
+            i, valid = int(epoch_order(self.num_examples, self.seed, epoch)[j * self.batch_size + pos]), 1
+        else:
+            i = g * self.batch_size + pos
+            i, valid = min(i, self.num_examples - 1), int(i < self.num_examples)
+        ex = {} if self.preprocess is None else self.preprocess(self.source[i])
+        ex["index"], ex["valid"] = np.int32(i), np.int32(valid)
+        return ex
+
+
+def _rows(rows, batch_size: int) -> tuple[int, ...]:
+    rows = tuple(range(batch_size)) if rows is None else tuple(int(r) for r in rows)
+    if not rows or len(set(rows)) != len(rows) or min(rows) < 0 or max(rows) >= batch_size:
+        raise ValueError(f"rows must be distinct positions in a global batch of {batch_size}, "
+                         f"got {rows}")
+    return rows
+
+
+class TrainData:
+    """The training stream of one process: `num_epochs` epochs of full global batches in one
+    global order (`epoch_order`), of which this process reads only its `rows`.
+
+    `iter()` gives a `TrainIterator`; its state is the global position (epoch, global step), so
+    a checkpoint written by any number of processes resumes on any other number."""
+
+    def __init__(self, source, preprocess, *, batch_size: int, seed: int, num_epochs: int,
+                 rows=None, worker_count: int = 0):
+        n = len(source)
+        self.batch_size, self.seed, self.num_examples = int(batch_size), int(seed), n
+        self.steps_per_epoch = steps_per_epoch(n, self.batch_size)
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{n} training examples are fewer than one batch of {batch_size}; "
+                            "lower the batch size")
+        self.total_steps = int(num_epochs) * self.steps_per_epoch
+        self.worker_count = worker_count
+        self._rows = _GlobalRows(source, preprocess, n, self.batch_size, self.seed,
+                                 _rows(rows, self.batch_size), shuffle=True)
+
+    def __len__(self) -> int:
+        return self.total_steps
+
+    def __iter__(self) -> TrainIterator:
+        return TrainIterator(self)
+
+    def batches_from(self, step: int) -> grain.IterDataset:
+        """This process's batches of global steps `step, step + 1, ...` (grain, prefetched)."""
+        local = len(self._rows.rows)
+        ds = grain.MapDataset.range(step * local, self.total_steps * local).map(self._rows)
+        return _prefetch(ds.batch(local, drop_remainder=True).to_iter_dataset(), self.worker_count)
+
+
+class TrainIterator:
+    """Batches of a `TrainData`; `get_state()` / `set_state()` hold the global position
+    `{"order", "epoch", "step", ...}`, not grain's per-process internals."""
+
+    def __init__(self, data: TrainData):
+        self.data, self.step, self._it = data, 0, None
+
+    def __iter__(self) -> TrainIterator:
+        return self
+
+    def __next__(self) -> dict:
+        if self.step >= self.data.total_steps:
+            raise StopIteration
+        if self._it is None:  # started lazily, so a `set_state` first starts no workers twice
+            self._it = iter(self.data.batches_from(self.step))
+        batch = next(self._it)
+        self.step += 1
+        return batch
+
+    def get_state(self) -> dict:
+        d = self.data
+        return {"order": ORDER, "epoch": self.step // d.steps_per_epoch, "step": self.step,
+                "batch_size": d.batch_size, "seed": d.seed, "num_examples": d.num_examples}
+
+    def set_state(self, state: dict) -> None:
+        d = self.data
+        if not isinstance(state, dict) or state.get("order") != ORDER:
+            raise DataError("the checkpoint's data position is in an older format (per-process "
+                            "grain iterator state), which does not say where the global order "
+                            "stands; resume it with the version that wrote it, or start a new "
+                            "--workdir")
+        for key in ("batch_size", "seed", "num_examples"):
+            if state[key] != getattr(d, key):
+                raise DataError(f"the checkpoint's data position is of a run with {key}="
+                                f"{state[key]}, this one has {getattr(d, key)}; use the same "
+                                "data and settings, or a new --workdir")
+        step = int(state["step"])
+        if not 0 <= step <= d.total_steps or state["epoch"] != step // d.steps_per_epoch:
+            raise DataError(f"the checkpoint's data position (epoch {state['epoch']}, step "
+                            f"{step}) is outside this run's {d.total_steps} steps")
+        self.step, self._it = step, None
+
+
+def train_dataset(source, preprocess, *, batch_size: int, seed: int, num_epochs: int,
+                  rows=None, worker_count: int = 0) -> TrainData:
+    """Shuffled (differently every epoch, the same on every process), batched training data.
+
+    `batch_size` is the global batch. Epoch e is `epoch_order(len(source), seed, e)` cut into
+    full batches; this process reads `rows` of each global batch (positions in it, e.g. the
+    rows its devices hold: `feature_cache.process_rows`; all of them by default), so processes
+    read disjoint parts and none reads the whole dataset. Batches carry `index` (the example's
+    position in the source). `preprocess=None` yields `index` only (for the feature cache).
+    """
+    return TrainData(source, preprocess, batch_size=batch_size, seed=seed, num_epochs=num_epochs,
+                     rows=rows, worker_count=worker_count)
+
+
+def ordered_batches(source, preprocess, *, batch_size: int, rows=None,
+                    worker_count: int = 0) -> grain.IterDataset:
+    """Every example once, in order, in global batches (`index`, `valid`; the last batch padded
+    with `valid = 0` rows), of which this process reads `rows` (as `train_dataset`)."""
+    n = len(source)
+    get = _GlobalRows(source, preprocess, n, batch_size, 0, _rows(rows, batch_size), shuffle=False)
+    ds = grain.MapDataset.range(-(-n // batch_size) * len(get.rows)).map(get)
+    return _prefetch(ds.batch(len(get.rows)).to_iter_dataset(), worker_count)
 
 
 AUTO_WORKERS_MAX = 16
@@ -190,10 +322,6 @@ def _prefetch(ds: grain.IterDataset, worker_count: int) -> grain.IterDataset:
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-
-
-def steps_per_epoch(num_examples: int, batch_size: int, shard_count: int = 1) -> int:
-    return (num_examples // shard_count) // batch_size
 
 
 def eval_dataset(

@@ -1,7 +1,9 @@
-"""The training feature cache: frozen DINOv3 features of every training image, computed once.
+"""The training feature cache: frozen DINOv3 features of every training image, computed once;
+and the assembly of a training batch from this process's rows (cached or live).
 
 The backbone is frozen and there is no augmentation, so every epoch sees the same features. The
-cache holds them (with masks, labels and class ids) in one of three places:
+cache is keyed by example index (the position in the training source) and holds them (with masks,
+labels and class ids) in one of three places:
 
 * "device": on the accelerators, replicated; a batch is a jitted gather (no host traffic);
 * "memory": host RAM;
@@ -9,10 +11,20 @@ cache holds them (with masks, labels and class ids) in one of three places:
 
 A lookup returns global arrays laid out exactly like the live path's (`batch` axis split by the
 rules), so the train step cannot tell cached from fresh features (bitwise with an fp32 cache).
+
+Several processes: every process holds the whole cache. Over the epochs a process's rows of the
+global batches reach almost every example (with P processes and E epochs a given example misses
+one process's rows with probability (1 - 1/P)^E), so caching only "its" examples would save little,
+and the "device" mode replicates the cache on every device anyway. `build` computes the features
+in ordered global batches through the same jitted feature step as the live path (each process
+decodes only its rows) and all-gathers them on the hosts; a "disk" cache then lives in one
+directory per process (`feature_cache/process-P-of-N`), so hosts sharing a file system do not
+write the same files.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import jax
@@ -31,6 +43,26 @@ def global_batch(local: dict[str, np.ndarray], mesh, rules, axes: dict[str, int]
     return {k: jax.make_array_from_process_local_data(
         sharding.batch_sharding(mesh, rules, np.ndim(local[k]), axis), np.asarray(local[k]))
         for k, axis in axes.items()}
+
+
+def process_rows(mesh, rules, batch_size: int) -> np.ndarray:
+    """The rows of a global batch that this process's devices hold under the `batch` rule, in
+    the order `global_batch` expects them (ascending): with process-ordered devices, the block
+    `[p * local, (p + 1) * local)`; all rows on one process, or where the batch is replicated."""
+    s = sharding.batch_sharding(mesh, rules, 1, 0)
+    rows = set()
+    for idx in s.addressable_devices_indices_map((batch_size,)).values():
+        rows.update(range(*idx[0].indices(batch_size)))
+    return np.array(sorted(rows), np.int64)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array as host numpy on every process (all-gathered when not all addressable)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 FEATURE_AXES = {"patches": 1, "cls": 1, "mask": 0, "label": 0, "class_id": 0}
@@ -68,16 +100,17 @@ class FeatureCache:
     def finalize(self, mesh, rules) -> None:
         """Moves a "device" cache onto the devices (replicated) and compiles its gather."""
         self.mesh, self.rules = mesh, rules
-        if self.mode == "device":
+        if self.mode == "device":  # every process holds the same arrays
             rep = NamedSharding(mesh, PartitionSpec())
-            self.device = {k: jax.device_put(v, rep) for k, v in self.arrays.items()}
+            self.device = {k: jax.make_array_from_callback(v.shape, rep, lambda i, v=v: v[i])
+                           for k, v in self.arrays.items()}
             out = {k: sharding.batch_sharding(mesh, rules, 4 if k == "patches" else
                                               (3 if k in ("cls", "mask") else 1), axis)
                    for k, axis in FEATURE_AXES.items()}
             self._gather = jax.jit(_gather, out_shardings=out)
 
     def lookup(self, idx: np.ndarray) -> dict[str, jax.Array]:
-        """The batch at positions `idx` (process-local), as global arrays like the live path."""
+        """The batch of examples `idx` (this process's rows), as global arrays like the live path."""
         if self.device is not None:
             i = global_batch({"i": idx}, self.mesh, self.rules, {"i": 0})["i"]
             got = self._gather(self.device, i)
@@ -96,3 +129,39 @@ def _gather(cache, idx):
     out["patches"] = cache["patches"][idx].swapaxes(0, 1)
     out["cls"] = cache["cls"][idx].swapaxes(0, 1)
     return out
+
+
+def build(mode: str, batches: Iterable[dict], features: Callable, backbone_state, mesh, rules, *,
+          num_examples: int, batch_size: int, n_layers: int, tokens: int, dim: int, size: int,
+          dtype: str, directory: Path, progress=None) -> FeatureCache:
+    """The cache of all `num_examples` examples from `batches` (`pipeline.ordered_batches` of
+    `batch_size`, this process's rows), computed by `features(backbone_state, images)` and
+    gathered on every host; global batch g holds examples `g*B ... g*B + B - 1`."""
+    if jax.process_count() > 1:
+        directory = directory / f"process-{jax.process_index()}-of-{jax.process_count()}"
+    cache = FeatureCache(num_examples, n_layers, tokens, dim, size, mode, dtype, directory)
+    for g, local in enumerate(batches):
+        glob = global_batch(local, mesh, rules, {"image": 0, **{k: FEATURE_AXES[k] for k in LABEL_KEYS}})
+        with sharding.use(mesh, rules):
+            patches, cls = features(backbone_state, glob.pop("image"))
+        idx = g * batch_size + np.arange(batch_size)
+        valid = idx < num_examples
+        cache.write(idx[valid], to_host(patches)[:, valid], to_host(cls)[:, valid],
+                    {k: to_host(v)[valid] for k, v in glob.items()})
+        if progress is not None:
+            progress.update(1)
+    cache.finalize(mesh, rules)
+    return cache
+
+
+def train_batch(local: dict[str, np.ndarray], cache: FeatureCache | None, features: Callable,
+                backbone_state, mesh, rules) -> dict[str, jax.Array]:
+    """The global training batch from this process's rows `local`: features looked up in the
+    cache by example `index`, or computed live from `image`; the same arrays either way."""
+    if cache is not None:
+        return cache.lookup(np.asarray(local["index"]))
+    batch = global_batch(local, mesh, rules, {k: FEATURE_AXES[k] for k in LABEL_KEYS})
+    images = global_batch(local, mesh, rules, {"image": 0})["image"]
+    with sharding.use(mesh, rules):
+        batch["patches"], batch["cls"] = features(backbone_state, images)
+    return batch

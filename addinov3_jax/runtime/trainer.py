@@ -40,8 +40,8 @@ from addinov3_jax.data import pipeline, readers
 from addinov3_jax.io import model_dir
 from addinov3_jax.models import losses, prompts, sharding
 from addinov3_jax.models import model as ad
-from addinov3_jax.runtime import checkpointing, setup
-from addinov3_jax.runtime.feature_cache import FEATURE_AXES, FeatureCache, global_batch, nbytes
+from addinov3_jax.runtime import checkpointing, feature_cache, setup
+from addinov3_jax.runtime.feature_cache import FeatureCache
 
 # Test hook, "K:SIGNAL" (e.g. "5:SIGKILL", "3:SIGINT"): this process sends itself SIGNAL right
 # after step K, once the checkpoints started so far are complete, so that tests of a kill or a
@@ -189,11 +189,6 @@ def training_source(cfg: ml_collections.ConfigDict, backbone_cfg):
     return source, words, pre, report
 
 
-def _index_only(i) -> dict:
-    """Cached training reads only the example's position; the cache holds the rest."""
-    return {"index": np.int32(i)}
-
-
 # ---------------------------------------------------------------------------------------------
 # Work directory: writable, locked, never recomputed when finished
 
@@ -335,35 +330,26 @@ def init_multihost() -> None:
 
 
 def _build_cache(cfg, source, preprocess, backbone_state, features, mesh, rules, grid, dim,
-                 local_batch, workdir, is_main) -> FeatureCache | None:
+                 rows, workdir, is_main) -> FeatureCache | None:
+    """The feature cache of every training example (None when off), computed in global batches
+    of `train.batch_size` of which this process decodes `rows`; identical on every process."""
     t = cfg.train
     if t.feature_cache == "off":
         return None
-    if jax.process_count() > 1:  # each host would cache a different part of the data
-        if t.feature_cache == "auto":
-            return None
-        raise ValueError("the feature cache is single-host; use --config.train.feature_cache=off "
-                         "(or auto) for multi-host training")
     n_layers, tokens = len(cfg.model.feature_layers), grid[0] * grid[1]
     mode = t.feature_cache
     if mode == "auto":
-        size = nbytes(len(source), n_layers, tokens, dim, t.feature_cache_dtype)
+        size = feature_cache.nbytes(len(source), n_layers, tokens, dim, t.feature_cache_dtype)
         mode = "device" if size <= t.feature_cache_max_gb * 2**30 else "disk"
-    cache = FeatureCache(len(source), n_layers, tokens, dim, cfg.data.image_size, mode,
-                         t.feature_cache_dtype, workdir / "feature_cache")
-    ds = pipeline.eval_dataset(source, preprocess, batch_size=local_batch,
-                               worker_count=cfg.data.worker_count)
-    bar = _progress(is_main, total=-(-len(source) // local_batch), desc=f"feature cache ({mode})")
-    for local in ds:
-        images = global_batch(local, mesh, rules, {"image": 0})["image"]
-        with sharding.use(mesh, rules):
-            patches, cls = features(backbone_state, images)
-        valid = local["valid"].astype(bool)
-        cache.write(local["index"][valid], np.asarray(patches)[:, valid], np.asarray(cls)[:, valid],
-                    {k: local[k][valid] for k in ("mask", "label", "class_id")})
-        bar.update(1)
+    batches = pipeline.ordered_batches(source, preprocess, batch_size=t.batch_size, rows=rows,
+                                       worker_count=cfg.data.worker_count)
+    bar = _progress(is_main, total=-(-len(source) // t.batch_size), desc=f"feature cache ({mode})")
+    cache = feature_cache.build(
+        mode, batches, features, backbone_state, mesh, rules, num_examples=len(source),
+        batch_size=t.batch_size, n_layers=n_layers, tokens=tokens, dim=dim,
+        size=cfg.data.image_size, dtype=t.feature_cache_dtype,
+        directory=workdir / "feature_cache", progress=bar)
     bar.close()
-    cache.finalize(mesh, rules)
     return cache
 
 
@@ -393,8 +379,7 @@ def _run(cfg: ml_collections.ConfigDict, bb_cfg, workdir: Path, is_main: bool) -
         raise ValueError(f"train.batch_size {t.batch_size} must be divisible by the {n_proc} "
                          f"processes and the {sharding.data_parallel_size(mesh, rules)}-way "
                          "batch split of the mesh")
-    local_batch = t.batch_size // n_proc
-    steps_per_epoch = pipeline.steps_per_epoch(len(source), local_batch, n_proc)
+    steps_per_epoch = pipeline.steps_per_epoch(len(source), t.batch_size)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(source)} training images are fewer than one batch of {t.batch_size}")
     total = t.epochs * steps_per_epoch
@@ -431,12 +416,14 @@ def _run(cfg: ml_collections.ConfigDict, bb_cfg, workdir: Path, is_main: bool) -
                       donate_argnums=(0,),
                       out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())))
 
+    # One global order of examples; this process reads the rows of each global batch that its
+    # devices hold (the cache, when on, is keyed by example index and holds the rest).
+    rows = feature_cache.process_rows(mesh, rules, t.batch_size)
     cache = _build_cache(cfg, source, preprocess, backbone_state, features, mesh, rules, grid,
-                         bb_cfg.embed_dim, local_batch, workdir, is_main)
+                         bb_cfg.embed_dim, rows, workdir, is_main)
     it = iter(pipeline.train_dataset(
-        list(range(len(source))) if cache else source, _index_only if cache else preprocess,
-        batch_size=local_batch, seed=cfg.seed, num_epochs=t.epochs,
-        shard_index=jax.process_index(), shard_count=n_proc,
+        range(len(source)) if cache else source, None if cache else preprocess,
+        batch_size=t.batch_size, seed=cfg.seed, num_epochs=t.epochs, rows=rows,
         worker_count=0 if cache else cfg.data.worker_count))
     start, restored, data_state = checkpointing.restore_latest(mngr, checkpointing.abstract(state))
     if restored is not None:
@@ -458,15 +445,8 @@ def _run(cfg: ml_collections.ConfigDict, bb_cfg, workdir: Path, is_main: bool) -
         previous = signal.signal(signal.SIGINT, lambda *_: ctrl_c.update(raised=True))
     try:
         for step in range(start, stop):
-            local = next(it)
-            if cache is not None:
-                batch = cache.lookup(np.asarray(local["index"]))
-            else:
-                batch = global_batch(local, mesh, rules, {k: FEATURE_AXES[k] for k in
-                                                          ("mask", "label", "class_id")})
-                images = global_batch(local, mesh, rules, {"image": 0})["image"]
-                with sharding.use(mesh, rules):
-                    batch["patches"], batch["cls"] = features(backbone_state, images)
+            batch = feature_cache.train_batch(next(it), cache, features, backbone_state, mesh,
+                                              rules)
             with sharding.use(mesh, rules):
                 state, terms = step_fn(state, frozen, batch)
             last_terms, done = terms, step + 1
