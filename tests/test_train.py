@@ -1,5 +1,6 @@
 """Training: loss decreases, sharding rules (golden file), one compilation, cached == uncached,
-SIGKILL + resume == uninterrupted, corrupt checkpoints, two processes on localhost, FSDP / tensor
+SIGKILL + resume == uninterrupted, corrupt checkpoints, two processes == one process (and a
+two-process checkpoint resumed on one process), FSDP / tensor
 parallel meshes equal to data parallelism, the workdir lock, finished and interrupted runs."""
 
 import json
@@ -171,24 +172,63 @@ def test_corrupt_checkpoint_falls_back(data, tmp_path, capsys):
     assert "unreadable" in capsys.readouterr().err
 
 
-def test_two_processes_on_localhost(data, tmp_path):
-    port = 20000 + os.getpid() % 20000
+@pytest.fixture(scope="module")
+def one_process(data, tmp_path_factory):
+    """The adapters of a 4-step run (2 epochs) on one process with 8 devices, no feature cache."""
+    workdir = tmp_path_factory.mktemp("one_process")
+    train.train(tiny_config(data, epochs=2, feature_cache="off"), workdir)
+    return final_params(workdir)
+
+
+def _two_processes(data, workdir, *flags):
+    """`addinov3 train` as two localhost processes with 4 CPU devices each (one 8-device mesh)."""
+    port = 20000 + (os.getpid() + len(str(workdir))) % 20000
     procs = []
     for pid in range(2):
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                   JAX_PLATFORMS="cpu", ADDINOV3_COORDINATOR=f"127.0.0.1:{port}",
-                   ADDINOV3_NUM_PROCESSES="2", ADDINOV3_PROCESS_ID=str(pid))
-        cmd = _train_cmd(data, tmp_path, epochs=2) + ["--config.multihost=True",
-                                                     "--config.train.feature_cache=off"]
+                   JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
+                   ADDINOV3_COORDINATOR=f"127.0.0.1:{port}", ADDINOV3_NUM_PROCESSES="2",
+                   ADDINOV3_PROCESS_ID=str(pid))
+        cmd = _train_cmd(data, workdir, epochs=2) + ["--config.multihost=True", *flags]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
+
+
+def _assert_same_model(got, ref, what):
+    """Within 1e-6 (|w| ~ 0.1; the cross-process all-reduce adds the gradients in another order,
+    which AdamW turns into ~1e-7 differences)."""
+    for k, v in ref.items():
+        scale = float(np.max(np.abs(v)))
+        dw = float(np.max(np.abs(got[k] - v)))
+        print(f"{what}: {k}: max|dw| = {dw:.3g} (max|w| = {scale:.3g})")
+        assert dw <= 1e-6, (what, k, dw, scale)
+
+
+def test_two_processes_equal_one_process(data, tmp_path, one_process):
+    """One 8-device mesh, two ways: 2 processes x 4 devices train the same model as 1 process x 8
+    devices (one global order of examples; each process reads its rows of each global batch)."""
+    _two_processes(data, tmp_path, "--config.train.feature_cache=off")
     steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert max(steps) == 4 and (tmp_path / "model" / "model.json").is_file()
     rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 4  # written by process 0 only
+    _assert_same_model(final_params(tmp_path), one_process, "2x4 vs 1x8")
+
+
+def test_two_process_cached_run_resumes_on_one_process(data, tmp_path, one_process):
+    """2 processes with a disk feature cache stop after step 3 (mid-epoch); one process with a
+    device cache resumes the checkpoint and ends at the uninterrupted one-process model."""
+    _two_processes(data, tmp_path, "--config.train.feature_cache=disk",
+                   "--config.train.stop_after=3")
+    assert (tmp_path / "checkpoints" / "3").is_dir() and not (tmp_path / "model").exists()
+    for pid in range(2):
+        assert (tmp_path / "feature_cache" / f"process-{pid}-of-2" / "patches.npy").is_file()
+    rest = train.train(tiny_config(data, epochs=2, feature_cache="device"), tmp_path)
+    assert rest["resumed_from"] == 3 and rest["steps"] == 4
+    _assert_same_model(final_params(tmp_path), one_process, "2x4 cached, resumed 1x8 vs 1x8")
 
 
 def test_training_from_arrayrecord_equals_raw(data, tmp_path):
