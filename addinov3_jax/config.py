@@ -67,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.weight_decay = 1e-2
     c.train.warmup_fraction = 0.03
     # "device", "memory" (host RAM), "disk", "off"; "auto": device when it fits in
-    # feature_cache_max_gb, else disk (single-host; multi-host runs use "off").
+    # feature_cache_max_gb, else disk (any number of processes; each holds the whole cache).
     c.train.feature_cache = "auto"
     c.train.feature_cache_dtype = "float32"  # or "bfloat16"
     c.train.feature_cache_max_gb = 8.0
