@@ -207,28 +207,30 @@ def _assert_same_model(got, ref, what):
         assert dw <= 1e-6, (what, k, dw, scale)
 
 
-def test_two_processes_equal_one_process(data, tmp_path, one_process):
+def test_two_processes_equal_one_process_cached_or_not(data, tmp_path, one_process):
     """One 8-device mesh, two ways: 2 processes x 4 devices train the same model as 1 process x 8
-    devices (one global order of examples; each process reads its rows of each global batch)."""
-    _two_processes(data, tmp_path, "--config.train.feature_cache=off")
-    steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
-    assert max(steps) == 4 and (tmp_path / "model" / "model.json").is_file()
-    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    devices (one global order of examples; each process reads its rows of each global batch).
+    Then 2 processes with a disk feature cache stop after step 3 (mid-epoch): their losses are
+    bitwise those of the uncached run, and one process with a device cache resumes the checkpoint
+    and ends at the uninterrupted one-process model."""
+    live, cached = tmp_path / "live", tmp_path / "cached"
+    _two_processes(data, live, "--config.train.feature_cache=off")
+    steps = [int(p.name) for p in (live / "checkpoints").iterdir() if p.name.isdigit()]
+    assert max(steps) == 4 and (live / "model" / "model.json").is_file()
+    rows = (live / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 4  # written by process 0 only
-    _assert_same_model(final_params(tmp_path), one_process, "2x4 vs 1x8")
+    _assert_same_model(final_params(live), one_process, "2x4 vs 1x8")
 
-
-def test_two_process_cached_run_resumes_on_one_process(data, tmp_path, one_process):
-    """2 processes with a disk feature cache stop after step 3 (mid-epoch); one process with a
-    device cache resumes the checkpoint and ends at the uninterrupted one-process model."""
-    _two_processes(data, tmp_path, "--config.train.feature_cache=disk",
-                   "--config.train.stop_after=3")
-    assert (tmp_path / "checkpoints" / "3").is_dir() and not (tmp_path / "model").exists()
+    _two_processes(data, cached, "--config.train.feature_cache=disk", "--config.train.stop_after=3")
+    assert (cached / "checkpoints" / "3").is_dir() and not (cached / "model").exists()
     for pid in range(2):
-        assert (tmp_path / "feature_cache" / f"process-{pid}-of-2" / "patches.npy").is_file()
-    rest = train.train(tiny_config(data, epochs=2, feature_cache="device"), tmp_path)
+        assert (cached / "feature_cache" / f"process-{pid}-of-2" / "patches.npy").is_file()
+    losses = [[json.loads(line)["loss"] for line in (w / "metrics.jsonl").read_text().splitlines()]
+              for w in (live, cached)]
+    assert losses[1] == losses[0][:3]  # cached == uncached, bitwise
+    rest = train.train(tiny_config(data, epochs=2, feature_cache="device"), cached)
     assert rest["resumed_from"] == 3 and rest["steps"] == 4
-    _assert_same_model(final_params(tmp_path), one_process, "2x4 cached, resumed 1x8 vs 1x8")
+    _assert_same_model(final_params(cached), one_process, "2x4 cached, resumed 1x8 vs 1x8")
 
 
 def test_training_from_arrayrecord_equals_raw(data, tmp_path):
