@@ -179,21 +179,6 @@ def _figure(**kw):
     return Figure(**kw)
 
 
-def category_curves(labels, scores, masks, maps, *, ground_truth: metrics.GroundTruth | None = None
-                    ) -> dict[str, metrics.Curves | None]:
-    """{"image": ROC / PR points (None with one class only), "pixel": ROC / PR / PRO points}.
-
-    `masks`, `maps`: (N, H, W) arrays, or lists of 2-D arrays of any sizes (pooled)."""
-    labels = np.asarray(labels)
-    image = metrics.curves(labels, scores) if labels.min() != labels.max() else None
-    if isinstance(maps, list):
-        gt = ground_truth or metrics.GroundTruth.from_masks_list(masks)
-        flat = np.concatenate([np.asarray(m).reshape(-1) for m in maps])
-    else:
-        gt, flat = ground_truth or metrics.GroundTruth.from_masks(masks), maps
-    return {"image": image, "pixel": metrics.pixel_curves(None, flat, ground_truth=gt)}
-
-
 def _thin(*arrays, points: int = 2000):
     n = len(arrays[0])
     if n <= points:
@@ -206,7 +191,8 @@ def curves_figure(runs: Mapping[str, Mapping[str, metrics.Curves | None]], title
                   *, fpr_limit: float = 0.3):
     """A matplotlib Figure with four panels (image ROC, pixel ROC, pixel PR, PRO up to
     `fpr_limit`), one line per run, the metric value in each legend entry; None without
-    matplotlib. `runs`: {name: `category_curves(...)`}."""
+    matplotlib. `runs`: {name: {"image": Curves | None, "pixel": Curves | None}} (the curves of
+    `evaluator.category_metrics`)."""
     fig = _figure(figsize=(17, 4.6), dpi=100, layout="constrained")
     if fig is None:
         return None
@@ -270,13 +256,11 @@ def draw_curves(path, runs: Mapping[str, Mapping[str, metrics.Curves | None]], t
     return True
 
 
-def save_curves(path, labels, scores, masks, maps, title: str = "", *, name: str = "",
-                compare: Mapping[str, Mapping[str, metrics.Curves | None]] | None = None,
-                fpr_limit: float = 0.3) -> dict[str, metrics.Curves | None]:
-    """The curves of one category (image ROC, pixel ROC, PR, PRO) drawn into `path`; `compare`
-    adds other runs' curves (e.g. `{"untrained": ...}`) to the same panels, `name` labels this
-    run. Returns this run's curves, for a later comparison."""
-    curves = category_curves(labels, scores, masks, maps)
+def save_curves(path, curves: Mapping[str, metrics.Curves | None], title: str = "", *,
+                name: str = "", compare: Mapping[str, Mapping[str, metrics.Curves | None]] | None = None,
+                fpr_limit: float = 0.3) -> None:
+    """One category's curves (`{"image": ..., "pixel": ...}`, the ones its metrics were read
+    from: image ROC, pixel ROC, PR, PRO) drawn into `path`; `compare` adds other runs' curves
+    (e.g. `{"untrained": ...}`) to the same panels, `name` labels this run."""
     runs = {name or ("this run" if compare else ""): curves, **(compare or {})}
     draw_curves(path, runs, title, fpr_limit=fpr_limit)
-    return curves

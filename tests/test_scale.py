@@ -19,6 +19,7 @@ from addinov3_jax.io import model_dir as model_io
 from addinov3_jax.io import towers
 from addinov3_jax.models import clip_text, dinov3, sharding
 from addinov3_jax.models import model as ad
+from addinov3_jax.runtime import distributed
 from addinov3_jax.runtime import evaluator as evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,8 +59,8 @@ def _assert_same(a, b, atol=1e-6):
 def test_eval_on_eight_devices_equals_one(model_dir, syn, tmp_path):
     opts = evaluate.EvalOptions(image_size=64, batch_size=8, heatmaps_per_category=0, curves=False)
     runs = {}
-    for name, mesh in (("one", sharding.make_mesh(1, 1, 1)), ("data8", sharding.make_mesh(8, 1, 1)),
-                       ("fsdp4_tensor2", sharding.make_mesh(1, 4, 2))):
+    for name, mesh in (("one", distributed.make_mesh(1, 1, 1)), ("data8", distributed.make_mesh(8, 1, 1)),
+                       ("fsdp4_tensor2", distributed.make_mesh(1, 4, 2))):
         model = model_io.load(model_dir, mesh=mesh, rules=sharding.DEFAULT_RULES)
         runs[name] = evaluate.evaluate(model, [("synthetic", str(syn), CLASSES)], tmp_path / name,
                                        opts=opts, mesh=mesh)
@@ -138,7 +139,7 @@ def test_load_reads_converted_weights_shard_by_shard(model_dir, monkeypatch):
         return out
 
     monkeypatch.setattr(checkpoint_io.Tensors, "read", spy)
-    mesh = sharding.make_mesh(1, 8, 1)
+    mesh = distributed.make_mesh(1, 8, 1)
     backbone = towers.load_dinov3(str(Path(model_dir) / "backbone"), mesh=mesh, rules=sharding.DEFAULT_RULES)
     kernel = {k: n for k, n, _ in reads}["blocks.mlp.fc1.kernel"]
     assert kernel * 8 == int(np.prod(backbone.blocks.mlp.fc1.kernel.shape))

@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 from addinov3_jax import config as config_lib
 from addinov3_jax.data import synthetic
 from addinov3_jax.models import dinov3, sharding
+from addinov3_jax.runtime import distributed, steps
 from addinov3_jax.runtime import trainer as train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +69,7 @@ def test_loss_decreases_and_one_compilation(data, tmp_path):
 
 
 def shardings_table():
-    mesh = sharding.make_mesh(data=2, fsdp=4)
+    mesh = distributed.make_mesh(data=2, fsdp=4)
     model = nnx.eval_shape(lambda: dinov3.create("tiny", rngs=nnx.Rngs(0)))
     state = nnx.state(model)
     specs = sharding.state_shardings(state, mesh, sharding.DEFAULT_RULES)
@@ -235,12 +236,12 @@ def test_sharded_state_has_no_full_copies(data, tmp_path):
     from addinov3_jax.runtime import setup
 
     cfg = tiny_config(data)
-    mesh = sharding.make_mesh(1, 8, 1)
+    mesh = distributed.make_mesh(1, 8, 1)
     rules = sharding.DEFAULT_RULES
     gc.collect()
     before = {id(a) for a in jax.live_arrays()}
     backbone = setup.backbone(cfg.model, mesh, rules, 0)
-    state, _ = train.init_train_state(setup.adapters_fn(64, 32, 4, 0), optax_adamw(), mesh, rules)
+    state, _ = steps.init_train_state(setup.adapters_fn(64, 32, 4, 0), optax_adamw(), mesh, rules)
     gc.collect()
     new = [a for a in jax.live_arrays() if id(a) not in before]
     sharded = {}

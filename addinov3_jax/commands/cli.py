@@ -212,12 +212,15 @@ def _predict(args: argparse.Namespace) -> int:
         from addinov3_jax.models import fewshot
 
         fs = fewshot.FewShotConfig(fusion=args.fusion or "add", augment=args.augment or "none")
-    model = predict.load_model(args.checkpoint)
+    from addinov3_jax.runtime import distributed
+
+    mesh = distributed.default_mesh(args.batch_size)
+    model = predict.load_model(args.checkpoint, mesh)  # straight onto the mesh, sharded
     result = predict.predict(model, args.images, args.class_name, args.output,
                              image_size=args.image_size, batch_size=args.batch_size,
                              save_maps=args.save_maps, scale=args.scale,
                              text_cache_dir=predict.text_cache_dir(args.checkpoint, args.output),
-                             reference=args.reference, fewshot_config=fs)
+                             mesh=mesh, reference=args.reference, fewshot_config=fs)
     for item in result.skipped:
         print(f"skipped {item['image']}: {item['error']}", file=sys.stderr)
     lo, hi = result.scale
@@ -230,6 +233,10 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from addinov3_jax.commands import predict as predict_lib
+    from addinov3_jax.data import readers
+    from addinov3_jax.models import clip_text, fewshot, layers
+
     parser = argparse.ArgumentParser(
         prog="addinov3",
         description="AD-DINOv3 zero-shot anomaly detection in JAX (frozen DINOv3 + CLIP text).",
@@ -257,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default=None, help="expected variant (default: auto-detect)")
     p.add_argument("--num-heads", type=int, default=None,
                    help="dinov3: heads of a custom model whose shapes match no variant")
-    p.add_argument("--activation", choices=["gelu", "quick_gelu"], default=None,
+    p.add_argument("--activation", choices=tuple(clip_text.ACTIVATIONS), default=None,
                    help="clip-text: MLP activation stored in the metadata (default: per source)")
     p.add_argument("--vocab", default=None,
                    help="clip-text: bpe_simple_vocab_16e6.txt.gz to store beside the weights")
@@ -275,11 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare randomly initialised models of this variant (no file needed)")
     p.add_argument("--image-size", default="224", help="dinov3: H or H,W (default 224)")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--activation", choices=["gelu", "quick_gelu"], default="quick_gelu",
+    p.add_argument("--activation", choices=tuple(clip_text.ACTIVATIONS), default="quick_gelu",
                    help="clip-text with --random: activation of both towers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--atol", type=float, default=None, help="tolerance (default per model)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+    p.add_argument("--dtype", choices=layers.DTYPES, default="float32",
                    help="bfloat16: also run ours in bf16 and report its error against the "
                         "reference and against our fp32 (relative L2 per layer)")
     p.set_defaults(run=_parity)
@@ -319,14 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=512, help="network input size (default 512)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--save-maps", action="store_true", help="also write maps/<name>.npy")
-    p.add_argument("--scale", choices=["run", "fixed"], default="run",
+    p.add_argument("--scale", choices=predict_lib.SCALES, default="run",
                    help="heatmap colours: run = min..max of this run's maps (default), fixed = 0..1")
     p.add_argument("--reference", default=None, metavar="DIR",
                    help="few-shot: a folder of normal images of the class; their patch memory "
                         "bank is fused with the zero-shot maps and scores")
-    p.add_argument("--fusion", choices=["add", "none"], default=None,
+    p.add_argument("--fusion", choices=fewshot.FUSIONS, default=None,
                    help="with --reference: add = zero-shot + few-shot/2 (default), none = few-shot only")
-    p.add_argument("--augment", choices=["none", "flip", "rot90", "dihedral"], default=None,
+    p.add_argument("--augment", choices=tuple(fewshot.AUGMENTS), default=None,
                    help="with --reference: views of each reference image in the bank (default none)")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.set_defaults(run=_predict)
@@ -340,19 +347,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name")
     q.add_argument("--root", required=True)
     q.add_argument("--split", default="test")
-    q.add_argument("--on-bad-sample", choices=["error", "skip"], default="error")
+    q.add_argument("--on-bad-sample", choices=readers.ON_BAD_SAMPLE, default="error")
     q.set_defaults(run=_data_inspect)
     q = dsub.add_parser("make-meta", help="write ROOT/meta.json (relative paths) for a dataset")
     q.add_argument("name")
     q.add_argument("--root", required=True)
     q.add_argument("--splits", default="test", help="comma-separated splits to index")
-    q.add_argument("--on-bad-sample", choices=["error", "skip"], default="error")
+    q.add_argument("--on-bad-sample", choices=readers.ON_BAD_SAMPLE, default="error")
     q.set_defaults(run=_data_make_meta)
     q = dsub.add_parser("build", help="build ArrayRecord files with the TFDS builder")
     q.add_argument("name")
     q.add_argument("--manual-dir", required=True, help="the raw dataset root")
     q.add_argument("--data-dir", required=True, help="TFDS data dir to write")
-    q.add_argument("--on-bad-sample", choices=["error", "skip"], default="error")
+    q.add_argument("--on-bad-sample", choices=readers.ON_BAD_SAMPLE, default="error")
     q.set_defaults(run=_data_build)
     q = dsub.add_parser("synthetic", help="generate the synthetic anomaly dataset (MVTec layout)")
     q.add_argument("--output", required=True)
@@ -385,8 +392,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input, not a bug: reported as one line (`--debug` for the traceback)."""
     from addinov3_jax.data.records import DataError
     from addinov3_jax.io.checkpoint_io import CheckpointError
+    from addinov3_jax.io.workdir import WorkdirBusy
     from addinov3_jax.models.tokenizer import TokenizerError
-    from addinov3_jax.runtime.trainer import WorkdirBusy
 
     return (CheckpointError, DataError, TokenizerError, UsageError, WorkdirBusy, ValueError, OSError)
 

@@ -39,12 +39,14 @@ from pathlib import Path
 import numpy as np
 
 from addinov3_jax import plots
-from addinov3_jax.data.pipeline import Preprocess, preprocess_image
+from addinov3_jax.data import references
+from addinov3_jax.data.pipeline import load_images, preprocess_image
 from addinov3_jax.data.records import IMAGE_SUFFIXES, DataError, decode_image
 from addinov3_jax.io import model_dir
-from addinov3_jax.models import fewshot
+from addinov3_jax.models import fewshot, sharding
 from addinov3_jax.models import model as ad
-from addinov3_jax.runtime.inference import Predictor, default_mesh, gather
+from addinov3_jax.runtime import distributed
+from addinov3_jax.runtime.inference import Predictor, pad_rows
 
 SCALES = ("run", "fixed")
 CSV_FIELDS = ("image", "name", "score", "max_pixel", "width", "height")
@@ -91,9 +93,12 @@ def resolve_model_dir(checkpoint: str | os.PathLike) -> Path:
                             "workdir with model/ inside")
 
 
-def load_model(checkpoint: str | os.PathLike) -> ad.ADDinoV3:
-    """A model directory (`model.json`) or a training workdir containing `model/`."""
-    return model_dir.load(resolve_model_dir(checkpoint))
+def load_model(checkpoint: str | os.PathLike, mesh=None,
+               rules=sharding.DEFAULT_RULES) -> ad.ADDinoV3:
+    """A model directory (`model.json`) or a training workdir containing `model/`, loaded
+    straight into the rules' shardings on `mesh` (no device ever holds a whole copy of a
+    sharded tower)."""
+    return model_dir.load(resolve_model_dir(checkpoint), mesh=mesh, rules=rules)
 
 
 def text_cache_dir(checkpoint: str | os.PathLike, output: str | os.PathLike) -> Path:
@@ -107,13 +112,6 @@ def text_cache_dir(checkpoint: str | os.PathLike, output: str | os.PathLike) -> 
     except OSError:
         pass
     return Path(output) / "text_cache"
-
-
-def resize_map(amap: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear (align_corners=True) resize of one map to (height, width), on the host."""
-    rh = ad.resize_matrix(amap.shape[0], height)
-    rw = ad.resize_matrix(amap.shape[1], width)
-    return (rh @ np.asarray(amap, np.float32) @ rw.T).astype(np.float32)
 
 
 def predict(model: ad.ADDinoV3, inputs, class_name: str, output: str | os.PathLike, *,
@@ -142,13 +140,13 @@ def predict(model: ad.ADDinoV3, inputs, class_name: str, output: str | os.PathLi
     if scale == "run":
         pending.mkdir(exist_ok=True)
     cfg = model.backbone.config
-    predictor = Predictor(model, mesh or default_mesh(batch_size), fewshot_config=fewshot_config)
+    predictor = Predictor(model, mesh or distributed.default_mesh(batch_size),
+                          fewshot_config=fewshot_config)
     bank, ref_info = None, None
     if reference is not None:
-        refs = fewshot.reference_paths(reference)
-        pre = Preprocess(size=(image_size, image_size), mean=tuple(cfg.pixel_mean),
-                         std=tuple(cfg.pixel_std))
-        bank = predictor.build_bank(fewshot.load_images(refs, pre), batch_size=batch_size)
+        refs = references.reference_paths(reference)
+        bank = predictor.build_bank(load_images(refs, image_size, cfg.pixel_mean, cfg.pixel_std),
+                                    batch_size=batch_size)
         fs = predictor.fewshot
         ref_info = {"folder": str(reference), "count": len(refs), "augment": fs.augment,
                     "fusion": fs.fusion, "fusion_weight": fs.fusion_weight,
@@ -160,34 +158,38 @@ def predict(model: ad.ADDinoV3, inputs, class_name: str, output: str | os.PathLi
     rows: list[dict] = []
     lo, hi = np.inf, -np.inf
     complete = False
+    decoded: list[tuple[list[Path], list]] = []  # host-side images of the batch in flight
+
+    def batches():
+        for start in range(0, len(paths), batch_size):
+            chunk, originals = [], []
+            for p in paths[start : start + batch_size]:
+                try:
+                    originals.append(decode_image(p.read_bytes(), str(p)))
+                    chunk.append(p)
+                except (DataError, OSError) as e:
+                    skipped.append({"image": str(p), "error": str(e)})
+            if not chunk:
+                continue
+            decoded.append((chunk, originals))
+            images = np.stack([preprocess_image(im, image_size, cfg.pixel_mean, cfg.pixel_std)
+                               for im in originals])
+            yield {"image": pad_rows(images, batch_size), "class_id": class_ids,  # one shape
+                   "valid": (np.arange(batch_size) < len(chunk)).astype(np.int32)}
+
     try:
         with open(out / "scores.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             writer.writeheader()
-            for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch",
-                              disable=not paths):
-                chunk, originals = [], []
-                for p in paths[start : start + batch_size]:
-                    try:
-                        originals.append(decode_image(p.read_bytes(), str(p)))
-                        chunk.append(p)
-                    except (DataError, OSError) as e:
-                        skipped.append({"image": str(p), "error": str(e)})
-                if not chunk:
-                    continue
-                batch = np.stack([preprocess_image(im, image_size, cfg.pixel_mean, cfg.pixel_std)
-                                  for im in originals])
-                # Pad to a full batch so every call has the same shape (one compilation).
-                if len(chunk) < batch_size:
-                    batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(chunk), 0)])
-                maps, scores = predictor(batch, class_ids, table, bank=bank)
-                maps = gather(maps).astype(np.float32)[: len(chunk)]
-                scores = gather(scores)[: len(chunk)]
+            for result in tqdm(predictor.run(batches(), table, bank=bank), desc="predict",
+                               unit="batch", total=-(-len(paths) // batch_size), disable=not paths):
+                chunk, originals = decoded.pop(0)
                 batch_rows = []
-                for p, im, m, s in zip(chunk, originals, maps, scores, strict=True):
+                for p, im, m, s in zip(chunk, originals, result["maps"], result["scores"],
+                                       strict=True):
                     w, h = im.size
                     name = names[p]
-                    full = resize_map(m, h, w)
+                    full = ad.resize_map(m, h, w)
                     if save_maps:
                         np.save(out / "maps" / f"{name}.npy", full)
                     row = {"image": str(p), "name": name, "score": float(s),
@@ -208,7 +210,7 @@ def predict(model: ad.ADDinoV3, inputs, class_name: str, output: str | os.PathLi
             for row in rows:
                 m = np.load(pending / f"{row['name']}.npy")
                 im = decode_image(Path(row["image"]).read_bytes(), row["image"])
-                _draw(out, im, resize_map(m, row["height"], row["width"]), row, class_name, used)
+                _draw(out, im, ad.resize_map(m, row["height"], row["width"]), row, class_name, used)
             shutil.rmtree(pending, ignore_errors=True)
         (out / "scores.json").write_text(json.dumps({
             "class_name": class_name, "image_score": model.config.image_score,

@@ -33,30 +33,36 @@ class Record:
     label: int  # 0 normal, 1 anomalous
     defect: str = ""
 
-    def object_word(self, source: str = "readable") -> str:
+    def object_word(self, source: str = "readable", fixed_word: str = "") -> str:
         """The word put into the prompts (see `object_word`)."""
-        return object_word(source, self.class_name, Path(self.image_path).parts[-4])
+        return object_word(source, self.class_name, Path(self.image_path).parts[-4], fixed_word)
 
     @property
     def has_mask(self) -> bool:
         return self.mask_path is not None
 
 
-def object_word(source: str, class_name: str, path_word: str) -> str:
+# The choices of `model.class_name_source` (config.py reads them from here).
+CLASS_NAME_SOURCES = ("readable", "path", "fixed")
+
+
+def object_word(source: str, class_name: str, path_word: str, fixed_word: str = "") -> str:
     """The object word for the prompts, by `class_name_source`:
 
     "readable": the dataset's readable class name ("metal nut"); "path": the official code's
-    `image_path.split('/')[-4]` ("Data" for every VisA class, "01" for BTAD...); "fixed:WORD": the
-    same word for every class (what the official VisA training amounts to, and the right choice
-    when the text tower is random and names carry no meaning).
+    `image_path.split('/')[-4]` ("Data" for every VisA class, "01" for BTAD...); "fixed": the
+    same `fixed_word` for every class (what the official VisA training amounts to, and the right
+    choice when the text tower is random and names carry no meaning).
     """
     if source == "readable":
         return class_name
     if source == "path":
         return path_word
-    if source.startswith("fixed:") and len(source) > 6:
-        return source[6:]
-    raise ValueError(f"class_name_source must be 'readable', 'path' or 'fixed:WORD', got {source!r}")
+    if source == "fixed" and fixed_word:
+        return fixed_word
+    if source == "fixed":
+        raise ValueError("class_name_source 'fixed' needs the word (model.class_name)")
+    raise ValueError(f"class_name_source must be one of {CLASS_NAME_SOURCES}, got {source!r}")
 
 
 @dataclasses.dataclass

@@ -76,6 +76,8 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 
 
 ATTENTION_IMPLEMENTATIONS = (None, "auto", "xla", "cudnn", "splash")
+# The dtypes a tower computes in / stores its parameters in (config `model.compute_dtype`, ...).
+DTYPES = ("float32", "bfloat16")
 
 
 def check_attention_impl(implementation: str | None) -> str | None:

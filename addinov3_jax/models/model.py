@@ -80,6 +80,13 @@ def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
+def resize_map(map_hw: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear (align_corners=True) resize of one map to (height, width) on the host: the one
+    map resize of eval at original resolution and of predict."""
+    rh, rw = resize_matrix(map_hw.shape[0], height), resize_matrix(map_hw.shape[1], width)
+    return (rh @ np.asarray(map_hw, np.float32) @ rw.T).astype(np.float32)
+
+
 def upsample_bilinear(x_bhwc: jax.Array, size: tuple[int, int]) -> jax.Array:
     """Bilinear resize with align_corners=True, as `F.interpolate(..., align_corners=True)`."""
     rh = jnp.asarray(resize_matrix(x_bhwc.shape[1], size[0]))

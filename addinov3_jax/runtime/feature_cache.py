@@ -20,17 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from addinov3_jax import config
 from addinov3_jax.models import sharding
+from addinov3_jax.runtime import distributed
 
-MODES = ("device", "memory", "disk")
+# The places a cache can live (`train.feature_cache` adds "auto" and "off": config.py).
+MODES = tuple(m for m in config.FEATURE_CACHE_MODES if m not in ("auto", "off"))
 LABEL_KEYS = ("mask", "label", "class_id")
 
 
-def global_batch(local: dict[str, np.ndarray], mesh, rules, axes: dict[str, int]) -> dict[str, jax.Array]:
-    """Process-local numpy rows -> global arrays split over the `batch` rule along `axes[key]`."""
-    return {k: jax.make_array_from_process_local_data(
-        sharding.batch_sharding(mesh, rules, np.ndim(local[k]), axis), np.asarray(local[k]))
-        for k, axis in axes.items()}
+
 
 
 FEATURE_AXES = {"patches": 1, "cls": 1, "mask": 0, "label": 0, "class_id": 0}
@@ -79,12 +78,12 @@ class FeatureCache:
     def lookup(self, idx: np.ndarray) -> dict[str, jax.Array]:
         """The batch at positions `idx` (process-local), as global arrays like the live path."""
         if self.device is not None:
-            i = global_batch({"i": idx}, self.mesh, self.rules, {"i": 0})["i"]
+            i = distributed.global_batch({"i": idx}, self.mesh, self.rules, {"i": 0})["i"]
             got = self._gather(self.device, i)
         else:
             local = {k: np.asarray(v[idx]) for k, v in self.arrays.items()}
             local["patches"], local["cls"] = local["patches"].swapaxes(0, 1), local["cls"].swapaxes(0, 1)
-            got = global_batch(local, self.mesh, self.rules, FEATURE_AXES)
+            got = distributed.global_batch(local, self.mesh, self.rules, FEATURE_AXES)
         got["patches"] = got["patches"].astype(jnp.float32)
         got["cls"] = got["cls"].astype(jnp.float32)
         got["mask"] = got["mask"].astype(jnp.float32)
