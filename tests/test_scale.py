@@ -118,11 +118,11 @@ def test_plan_vit7b_fsdp8_splits_the_parameters():
         assert p[step]["temp_bytes_per_device"] > 0
     # The feature step's parameter arguments are the shards, not the whole backbone.
     assert p["feature_step"]["argument_bytes_per_device"] < total / 8 * 1.1
-    # Random init is born sharded: a device's output is its shard, and its peak (output plus the
-    # random-bit temporaries) stays far below one full copy of the backbone.
+    # Random init is born sharded: a device's output is its shard, and it is drawn one block at
+    # a time, so its temporaries stay within one block's parameters (40 blocks), not the stack's.
     init = p["backbone_init"]
     assert init["output_bytes_per_device"] <= total / 8 * 1.05
-    assert init["output_bytes_per_device"] + init["temp_bytes_per_device"] < total / 2
+    assert init["temp_bytes_per_device"] <= total / 40 * 1.25
     assert "temp_bytes_per_device" in p
 
 
