@@ -114,8 +114,10 @@ def test_plan_vit7b_fsdp8_splits_the_parameters():
     assert total > 25 * 2**30  # ~6.7 B fp32 parameters
     assert p["frozen_param_bytes_per_device"] <= total / 8 * 1.05
     assert p["train_state_bytes_per_device"] <= p["train_state_bytes_total"] / 8 * 1.05
-    for step in ("feature_step", "train_step"):
+    for step in ("feature_step", "train_step", "predict_step"):
         assert p[step]["temp_bytes_per_device"] > 0
+    # The predict step of eval / predict also takes the parameters' shards only.
+    assert p["predict_step"]["argument_bytes_per_device"] < total / 8 * 1.1
     # The feature step's parameter arguments are the shards, not the whole backbone.
     assert p["feature_step"]["argument_bytes_per_device"] < total / 8 * 1.1
     # Random init is born sharded: a device's output is its shard, and it is drawn one block at
@@ -202,3 +204,38 @@ def test_model_dir_records_the_trained_text_activation(tmp_path):
     assert model_io.load(tmp_path / "model", text_activation="quick_gelu").text_tower.config.activation \
         == "quick_gelu"
     assert towers.load_clip_text(str(tmp_path / "towers" / "text_tower")).config.activation == "quick_gelu"
+
+
+def test_predict_with_fsdp_loads_sharded_and_matches_data_parallel(model_dir, syn, tmp_path,
+                                                                   monkeypatch):
+    """`predict --fsdp 8`: the model is loaded straight onto the 8-device mesh with every large
+    kernel split 8 ways (no device holds a whole copy), and the scores equal the data-parallel
+    run's."""
+    from addinov3_jax.commands import cli
+    from addinov3_jax.commands import predict as predict_lib
+
+    loaded = {}
+    original = predict_lib.load_model
+
+    def spy(checkpoint, mesh=None, **kw):
+        loaded["model"] = original(checkpoint, mesh, **kw)
+        return loaded["model"]
+
+    monkeypatch.setattr(predict_lib, "load_model", spy)
+    images = str(syn / "pill" / "test")
+    scores = {}
+    for name, extra in (("fsdp8", ["--fsdp", "8"]), ("data", [])):
+        out = tmp_path / name
+        assert cli.main(["predict", "--checkpoint", str(model_dir), "--class-name", "pill",
+                         "--output", str(out), "--image-size", "64", "--batch-size", "8",
+                         *extra, images]) == 0
+        scores[name] = {r["name"]: r["score"] for r in
+                        json.loads((out / "scores.json").read_text())["images"]}
+        if name == "fsdp8":
+            kernel = loaded["model"].backbone.blocks.mlp.fc1.kernel[...]
+            shard = kernel.addressable_shards[0].data.shape
+            assert kernel.sharding.mesh.shape["fsdp"] == 8
+            assert shard[1] == kernel.shape[1] // 8  # the embed axis split over fsdp
+    assert scores["fsdp8"].keys() == scores["data"].keys()
+    for k in scores["data"]:
+        np.testing.assert_allclose(scores["fsdp8"][k], scores["data"][k], atol=1e-6, rtol=0)

@@ -214,7 +214,10 @@ def _predict(args: argparse.Namespace) -> int:
         fs = fewshot.FewShotConfig(fusion=args.fusion or "add", augment=args.augment or "none")
     from addinov3_jax.runtime import distributed
 
-    mesh = distributed.default_mesh(args.batch_size)
+    if args.fsdp > 1 or args.tensor > 1:  # parameters split over fsdp x tensor devices
+        mesh = distributed.make_mesh(-1, args.fsdp, args.tensor)
+    else:  # data parallel: every device a replica (the most devices that split the batch)
+        mesh = distributed.default_mesh(args.batch_size)
     model = predict.load_model(args.checkpoint, mesh)  # straight onto the mesh, sharded
     result = predict.predict(model, args.images, args.class_name, args.output,
                              image_size=args.image_size, batch_size=args.batch_size,
@@ -299,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_train)
 
     p = sub.add_parser("plan", help="per-device memory of the compiled steps (no allocation)",
-                       description="Lowers and compiles the feature and train steps for the "
+                       description="Lowers and compiles the feature, train and predict steps for the "
                                    "config's mesh from abstract shapes only (no weights, no data) "
                                    "and prints per-device parameter, optimizer and temporary bytes.")
     p.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
@@ -325,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--image-size", type=int, default=512, help="network input size (default 512)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--fsdp", type=int, default=1, metavar="N",
+                   help="split the model's parameters over N devices (e.g. vit7b16 on 8 x 16 GB); "
+                        "the batch is split over all devices, so --batch-size must divide evenly")
+    p.add_argument("--tensor", type=int, default=1, metavar="N",
+                   help="split heads / hidden units over N devices (tensor parallelism)")
     p.add_argument("--save-maps", action="store_true", help="also write maps/<name>.npy")
     p.add_argument("--scale", choices=predict_lib.SCALES, default="run",
                    help="heatmap colours: run = min..max of this run's maps (default), fixed = 0..1")

@@ -1,4 +1,4 @@
-"""`addinov3 plan`: per-device memory of the compiled feature and train steps, from shapes only.
+"""`addinov3 plan`: per-device memory of the compiled feature, train and predict steps, from shapes only.
 
 Nothing is allocated and no weights or data are read: the towers, the `TrainState` and the
 batches are abstract (`nnx.eval_shape` / `jax.ShapeDtypeStruct` with their shardings); the two
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from addinov3_jax.models import sharding
+from addinov3_jax.models import fewshot, sharding
 from addinov3_jax.runtime import setup, steps
 
 
@@ -84,8 +84,20 @@ def plan(config) -> dict[str, Any]:
     with sharding.use(mesh, rules):
         step_c = rt.train_step(tx, state_shardings).lower(
             _with_shardings(abstract_state, state_shardings), frozen, batch).compile()
+    # The predict step of eval / predict (`inference.Predictor`), at the eval batch size.
+    eb = cfg.eval.batch_size
+    predict_fn = steps.jit_predict_steps(graphdef, rt.head_config, fewshot.FewShotConfig(), mesh,
+                                         rules)[0]
+    with sharding.use(mesh, rules):
+        predict_c = predict_fn.lower(
+            _with_shardings(bb_state, bb_shardings),
+            _with_shardings(abstract_state.params, state_shardings.params),
+            jax.ShapeDtypeStruct((eb, size, size, 3), jnp.float32,
+                                 sharding=sharding.batch_sharding(mesh, rules, 4)),
+            jax.ShapeDtypeStruct((eb,), jnp.int32, sharding=sharding.batch_sharding(mesh, rules, 1)),
+            frozen["text"]).compile()
     feature_mem, step_mem = _memory(feature_c), _memory(step_c)
-    extra = {}
+    extra = {"predict_step": _memory(predict_c)}
     if m.backbone in setup.dinov3.VARIANTS:  # random init, materialized sharded (runtime/setup.py)
         create = setup.backbone_init_fn(m, cfg.seed)
         init_c = jax.jit(lambda: nnx.state(create()), out_shardings=bb_shardings).lower().compile()
@@ -126,7 +138,7 @@ def table(p: dict[str, Any]) -> str:
              f"{_gib(p['text_tower_param_bytes_per_device']):>14}",
              f"{'train state (adapters + AdamW)':34}{_gib(p['train_state_bytes_total']):>14}"
              f"{_gib(p['train_state_bytes_per_device']):>14}", ""]
-    for name in ("feature_step", "train_step", "backbone_init"):
+    for name in ("feature_step", "train_step", "predict_step", "backbone_init"):
         if name not in p:
             continue
         s = p[name]
