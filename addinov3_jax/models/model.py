@@ -258,14 +258,14 @@ class ADDinoV3(nnx.Module):
         return head(trainable_params(self), patches, cls, jax.lax.stop_gradient(text_be2), grid,
                     images_bhwc.shape[1:3], self.config)
 
-    def text_features(self, class_names: Sequence[str], cache_dir=None) -> np.ndarray:
+    def text_features(self, class_names: Sequence[str]) -> np.ndarray:
         """(C, E, 2) prototypes per class name, computed once by the frozen text tower."""
         if self.text_tower is None:
             raise ValueError("this model has no text tower; pass text features explicitly")
-        return prompts.text_features(self.text_tower, class_names, cache_dir=cache_dir)
+        return prompts.text_features(self.text_tower, class_names)
 
-    def predict(self, images_bhwc, class_names: Sequence[str] | str, *, text_be2=None,
-                cache_dir=None) -> tuple[jax.Array, jax.Array]:
+    def predict(self, images_bhwc, class_names: Sequence[str] | str, *,
+                text_be2=None) -> tuple[jax.Array, jax.Array]:
         """Pixel anomaly maps (B, H, W) and image scores (B,) for images of the given classes."""
         b = images_bhwc.shape[0]
         if text_be2 is None:
@@ -273,7 +273,7 @@ class ADDinoV3(nnx.Module):
             if len(names) != b:
                 raise ValueError(f"{len(names)} class names for {b} images")
             uniq = list(dict.fromkeys(names))
-            table = self.text_features(uniq, cache_dir)
+            table = self.text_features(uniq)
             text_be2 = table[[uniq.index(n) for n in names]]
         return _predict_jit(self.backbone, trainable_params(self), jnp.asarray(images_bhwc),
                             jnp.asarray(text_be2), self.config)

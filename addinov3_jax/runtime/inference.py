@@ -22,7 +22,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from addinov3_jax.data import pipeline
-from addinov3_jax.models import fewshot, prompts, sharding
+from addinov3_jax.io import text_cache
+from addinov3_jax.models import fewshot, sharding
 from addinov3_jax.models import model as ad
 from addinov3_jax.runtime import distributed, steps
 
@@ -84,7 +85,8 @@ class Predictor:
         if self.model.text_tower is None:
             raise ValueError("this model has no text tower; pass text features explicitly")
         with sharding.use(self.mesh, self.rules):
-            table = prompts.text_features(self.model.text_tower, list(words), cache_dir=cache_dir)
+            table = text_cache.text_features(self.model.text_tower, list(words),
+                                               cache_dir=cache_dir)
         return jax.device_put(jnp.asarray(table), NamedSharding(self.mesh, PartitionSpec()))
 
     def local_rows(self, global_batch: int) -> int:

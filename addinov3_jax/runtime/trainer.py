@@ -32,10 +32,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from addinov3_jax.data import pipeline, readers
-from addinov3_jax.io import model_dir
+from addinov3_jax.io import model_dir, text_cache
 from addinov3_jax.io import workdir as workdir_lib
 from addinov3_jax.models import model as ad
-from addinov3_jax.models import prompts, sharding
+from addinov3_jax.models import sharding
 from addinov3_jax.runtime import checkpointing, distributed, setup, steps
 from addinov3_jax.runtime.feature_cache import FEATURE_AXES, FeatureCache, nbytes
 
@@ -212,7 +212,7 @@ def _run(rt: setup.Runtime, workdir: Path) -> dict[str, Any]:
     # Frozen towers (sharded by the rules) and the text prototypes, computed once per class.
     backbone, text = rt.towers()
     with sharding.use(mesh, rules):
-        table = prompts.text_features(text, list(words), cache_dir=workdir / "text_cache")
+        table = text_cache.text_features(text, list(words), cache_dir=workdir / "text_cache")
     frozen = {"text": jax.device_put(jnp.asarray(table), NamedSharding(mesh, PartitionSpec()))}
     graphdef, backbone_state = nnx.split(backbone)
 
