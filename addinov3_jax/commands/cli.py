@@ -385,8 +385,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input, not a bug: reported as one line (`--debug` for the traceback)."""
     from addinov3_jax.data.records import DataError
     from addinov3_jax.io.checkpoint_io import CheckpointError
+    from addinov3_jax.io.workdir import WorkdirBusy
     from addinov3_jax.models.tokenizer import TokenizerError
-    from addinov3_jax.runtime.trainer import WorkdirBusy
 
     return (CheckpointError, DataError, TokenizerError, UsageError, WorkdirBusy, ValueError, OSError)
 

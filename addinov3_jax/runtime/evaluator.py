@@ -36,6 +36,7 @@ from addinov3_jax import metrics, plots
 from addinov3_jax.data import pipeline, readers
 from addinov3_jax.data.records import DataError, Record, decode_mask
 from addinov3_jax.io import model_dir
+from addinov3_jax.io import workdir as workdir_io
 from addinov3_jax.models import fewshot, sharding
 from addinov3_jax.models import model as ad
 from addinov3_jax.runtime.inference import Predictor, default_mesh, gather, place_model
@@ -136,8 +137,10 @@ def category_metrics(labels, scores, masks, maps, *, has_masks: bool, fpr_limit:
         else:
             gt, flat = metrics.GroundTruth.from_masks(masks), maps
         p = metrics.pixel_metrics(None, flat, ground_truth=gt, fpr_limit=fpr_limit)
-        if math.isnan(p["auroc"]):
-            notes.append("pixel AUROC undefined: no anomalous pixels")
+        if math.isnan(p["auroc"]):  # one pixel class only: AP / F1 / PRO are undefined as well
+            notes.append("pixel metrics undefined: no anomalous pixels (only normal images, or "
+                         "empty masks)")
+            p = dict.fromkeys(("auroc", "ap", "f1_max", "aupro"), math.nan)
         row.update(pixel_auroc=p["auroc"], pixel_ap=p["ap"], pixel_f1_max=p["f1_max"],
                    pixel_aupro=p["aupro"])
     row["num_images"] = int(len(labels))
@@ -256,8 +259,10 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
                 f"{p}: duplicate" for p in report.duplicates]
         results["datasets"][name] = entry
     if is_main:
-        (out_dir / f"{results_name}.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
-        (out_dir / f"{results_name}.md").write_text(markdown(results))
+        # Strict JSON: undefined metrics (NaN in memory) are null in the file (DESIGN §4).
+        workdir_io.atomic_write_text(out_dir / f"{results_name}.json",
+                                     workdir_io.strict_json(results, indent=2) + "\n")
+        workdir_io.atomic_write_text(out_dir / f"{results_name}.md", markdown(results))
     return results
 
 
@@ -334,7 +339,7 @@ def run_from_config(config, workdir: str | os.PathLike, *, model: ad.ADDinoV3 | 
         train.init_multihost()
     workdir = Path(workdir)
     if jax.process_index() == 0:
-        train.ensure_writable(workdir)
+        workdir_io.ensure_writable(workdir)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = config.mesh.rules
     if model is None:

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -38,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from addinov3_jax import config as config_lib
 from addinov3_jax.data import pipeline, readers
 from addinov3_jax.io import model_dir
+from addinov3_jax.io.workdir import WorkdirLock, ensure_writable, strict_json, write_guard
 from addinov3_jax.models import losses, prompts, sharding
 from addinov3_jax.models import model as ad
 from addinov3_jax.runtime import checkpointing, setup
@@ -47,14 +47,11 @@ from addinov3_jax.runtime.feature_cache import FEATURE_AXES, FeatureCache, globa
 # after step K, once the checkpoints started so far are complete, so that tests of a kill or a
 # Ctrl-C and of the resume that follows are deterministic.
 SIGNAL_AFTER_STEP_ENV = "ADDINOV3_TEST_SIGNAL_AFTER_STEP"
+RESUME_HINT = "rerun the same command to resume from the last checkpoint"
 
 
 class TrainingInterrupted(RuntimeError):
     """Ctrl-C during training; the message says where and how to resume."""
-
-
-class WorkdirBusy(RuntimeError):
-    """Another `train` holds the workdir's lock."""
 
 
 @flax.struct.dataclass
@@ -195,68 +192,6 @@ def _index_only(i) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Work directory: writable, locked, never recomputed when finished
-
-
-def ensure_writable(path: Path) -> None:
-    """Fails before any heavy work when `path` cannot be created or written."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test.{socket.gethostname()}.{os.getpid()}"  # unique per host
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise PermissionError(f"{path}: not writable ({e.strerror or e}); choose another --workdir "
-                              "or fix its permissions") from None
-
-
-class WorkdirLock:
-    """`WORKDIR/.lock` (pid and host) held for the length of a run: a second `train` in the same
-    workdir is refused with the owner's pid; a stale lock (dead pid on this host) is taken over."""
-
-    def __init__(self, workdir: Path, enabled: bool = True):
-        self.path, self.enabled = workdir / ".lock", enabled
-
-    def __enter__(self):
-        if not self.enabled:
-            return self
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    owner = json.loads(self.path.read_text())
-                except (OSError, json.JSONDecodeError):
-                    owner = {}
-                if owner.get("host") == me["host"] and not _alive(owner.get("pid", -1)):
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
-                raise WorkdirBusy(
-                    f"{self.path.parent}: another `addinov3 train` (pid {owner.get('pid', '?')} on "
-                    f"{owner.get('host', '?')}) is using this workdir; wait for it to finish, or "
-                    f"delete {self.path} if that process is gone") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            return self
-        raise RuntimeError(f"{self.path}: could not take the workdir lock")
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, TypeError):
-        return True
-    return True
-
-
-# ---------------------------------------------------------------------------------------------
 # The run
 
 
@@ -287,7 +222,7 @@ class _Writers:
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.write(strict_json(row) + "\n")
         self.jsonl.flush()
         for k, v in row.items():
             if k != "step" and math.isfinite(v):
@@ -298,6 +233,15 @@ class _Writers:
         if self.enabled:
             self.jsonl.close()
             self.tb.close()
+
+
+def log_row(terms: dict, steps: int, since: float, batch_size: int) -> dict[str, float]:
+    """The loss terms as floats and the speed since `since` (a `time.perf_counter()` reading)
+    over the last `steps` steps. The floats are read first: they wait for the step to finish,
+    so the clock measures the computation, not its asynchronous dispatch."""
+    row = {k: float(v) for k, v in terms.items()}
+    rate = steps / max(time.perf_counter() - since, 1e-9)
+    return {**row, "steps_per_s": rate, "images_per_s": rate * batch_size}
 
 
 def _any_process(flag: bool) -> bool:
@@ -398,7 +342,11 @@ def _run(cfg: ml_collections.ConfigDict, bb_cfg, workdir: Path, is_main: bool) -
     if steps_per_epoch == 0:
         raise ValueError(f"{len(source)} training images are fewer than one batch of {t.batch_size}")
     total = t.epochs * steps_per_epoch
+    mngr = checkpointing.manager(workdir, t.keep_checkpoints)
+    checkpointing.check_same_run(checkpointing.saved_config(mngr),  # before any heavy work
+                                 json.loads(cfg.to_json_best_effort()), workdir)
     if checkpointing.latest_step(workdir) == total and (workdir / "model" / model_dir.MODEL_FILE).is_file():
+        mngr.close()
         if is_main:
             print(f"{workdir}: already finished ({total} steps); the model is in {workdir / 'model'}")
         return {"steps": total, "resumed_from": total, "compilations": 0, "finished": True,
@@ -407,10 +355,6 @@ def _run(cfg: ml_collections.ConfigDict, bb_cfg, workdir: Path, is_main: bool) -
     tx, schedule = make_optimizer(cfg, total)
     size, p = cfg.data.image_size, bb_cfg.patch_size
     grid, head_cfg = (size // p, size // p), head_config(cfg)
-
-    mngr = checkpointing.manager(workdir, t.keep_checkpoints)
-    checkpointing.check_same_run(checkpointing.saved_config(mngr),  # before any heavy work
-                                 json.loads(cfg.to_json_best_effort()), workdir)
 
     # Frozen towers (sharded by the rules) and the text prototypes, computed once per class.
     backbone = setup.backbone(cfg.model, mesh, rules, cfg.seed)
@@ -471,15 +415,14 @@ def _run(cfg: ml_collections.ConfigDict, bb_cfg, workdir: Path, is_main: bool) -
                 state, terms = step_fn(state, frozen, batch)
             last_terms, done = terms, step + 1
             if done % t.log_every == 0 or done in (total, stop):
-                rate = (done - n_last) / max(time.perf_counter() - t_last, 1e-9)
-                row = {k: float(v) for k, v in terms.items()}
-                row.update(step=done, lr=float(schedule(done - 1)), steps_per_s=rate,
-                           images_per_s=rate * t.batch_size)
+                row = log_row(terms, done - n_last, t_last, t.batch_size)
+                row.update(step=done, lr=float(schedule(done - 1)))
                 writer.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 t_last, n_last = time.perf_counter(), done
             if done % t.checkpoint_every == 0 and done != total:
-                checkpointing.save(mngr, done, state, it.get_state(), {"step": done, **meta})
+                with write_guard(mngr.directory, RESUME_HINT):
+                    checkpointing.save(mngr, done, state, it.get_state(), {"step": done, **meta})
             bar.update(1)
             if done == int(hook_step):
                 mngr.wait_until_finished()
@@ -490,9 +433,10 @@ def _run(cfg: ml_collections.ConfigDict, bb_cfg, workdir: Path, is_main: bool) -
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     bar.close()
-    if mngr.latest_step() != done:  # the final (or interrupted) step, checkpointed
-        checkpointing.save(mngr, done, state, it.get_state(), {"step": done, **meta}, force=True)
-    mngr.wait_until_finished()
+    with write_guard(mngr.directory, RESUME_HINT):
+        if mngr.latest_step() != done:  # the final (or interrupted) step, checkpointed
+            checkpointing.save(mngr, done, state, it.get_state(), {"step": done, **meta}, force=True)
+        mngr.wait_until_finished()
     mngr.close()
     writer.close()
     if ctrl_c["raised"] or (n_proc > 1 and done < stop):
@@ -506,7 +450,8 @@ def _run(cfg: ml_collections.ConfigDict, bb_cfg, workdir: Path, is_main: bool) -
             print(f"stopped after step {done} of {total} (train.stop_after); rerun without it to "
                   "continue")
         return summary
-    save_model(cfg, workdir / "model", backbone, text, state.params, head_cfg, is_main)
+    with write_guard(workdir / "model", RESUME_HINT):
+        save_model(cfg, workdir / "model", backbone, text, state.params, head_cfg, is_main)
     return summary
 
 
@@ -551,6 +496,9 @@ def summary_line(summary: dict[str, Any], workdir) -> str:
         return f"nothing to do: {workdir} already holds the finished run"
     if summary["steps"] < summary.get("total_steps", summary["steps"]):
         return f"stopped after step {summary['steps']}; checkpoint in {workdir}/checkpoints"
+    if summary["steps"] == summary.get("resumed_from") or "loss" not in summary.get("final", {}):
+        return (f"no step left to train (resumed at step {summary['steps']}, the last); model "
+                f"written to {workdir}/model")
     return (f"trained {summary['steps']} steps (resumed from {summary['resumed_from']}); final loss "
             f"{summary['final'].get('loss', float('nan')):.4f}; model written to {workdir}/model")
 
