@@ -6,6 +6,29 @@ import argparse
 import os
 import sys
 
+PATCH_SIZE = 16  # every DINOv3 variant's
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def patch_multiple(text: str) -> int:
+    """argparse type: an image size, a positive multiple of the patch size (16)."""
+    value = positive_int(text)
+    if value % PATCH_SIZE:
+        lower = max(PATCH_SIZE, value // PATCH_SIZE * PATCH_SIZE)
+        raise argparse.ArgumentTypeError(f"expected a positive multiple of the patch size "
+                                         f"{PATCH_SIZE} (e.g. {lower} or {lower + PATCH_SIZE}), got {value}")
+    return value
+
 
 def _convert(args: argparse.Namespace) -> int:
     if args.kind == "model":
@@ -82,19 +105,31 @@ def load_config(path: str, overrides: list[str]):
                                     sys_argv=argv)
     try:
         fv(argv)
-    except config_lib.ConfigError:
-        raise
     except Exception as e:  # absl wraps errors of the file and of the overrides
         cause = e.__cause__ or e.__context__
-        if isinstance(cause, config_lib.ConfigError):
-            raise cause from None
+        err = cause if isinstance(cause, config_lib.ConfigError) else e
+        if isinstance(err, config_lib.ConfigError):
+            if "Traceback" in str(err):  # ml_collections quotes the config file's error
+                raise config_lib.ConfigError(_flag_message(err)) from None
+            raise err from None
         raise config_lib.ConfigError(f"{path}: {_flag_message(e)}") from None
     return config_lib.validate(fv.config)
 
 
 def _flag_message(e: Exception) -> str:
-    """absl's error for a config override, on one line."""
-    msg = " ".join(str(e).split())
+    """absl's error for a config file or override, on one line: a misspelt field's own message
+    (not the KeyError's repr), the config file's error (not ml_collections' quoted traceback)."""
+    cause, msg = e, str(e)
+    while cause is not None:
+        if isinstance(cause, KeyError) and cause.args:
+            msg = str(cause.args[0])
+            break
+        cause = cause.__cause__ or cause.__context__
+    if "Traceback (most recent call last)" in msg:
+        last = msg.strip().splitlines()[-1]
+        kind, _, text = last.partition(": ")
+        msg = text if text and kind.rsplit(".", 1)[-1].endswith(("Error", "Exception")) else last
+    msg = " ".join(msg.split())
     return msg.replace("flag --config=", "").replace("Illegal value ", "bad value ")
 
 
@@ -220,6 +255,8 @@ def _predict(args: argparse.Namespace) -> int:
                              reference=args.reference, fewshot_config=fs)
     for item in result.skipped:
         print(f"skipped {item['image']}: {item['error']}", file=sys.stderr)
+    for item in result.not_drawn:
+        print(f"no heatmap for {item['image']} (its scores are kept): {item['error']}", file=sys.stderr)
     lo, hi = result.scale
     if args.reference is not None:
         print(f"few-shot: fused with a memory bank of the normal images in {args.reference}")
@@ -274,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random", default=None, metavar="VARIANT",
                    help="compare randomly initialised models of this variant (no file needed)")
     p.add_argument("--image-size", default="224", help="dinov3: H or H,W (default 224)")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=positive_int, default=2)
     p.add_argument("--activation", choices=["gelu", "quick_gelu"], default="quick_gelu",
                    help="clip-text with --random: activation of both towers")
     p.add_argument("--seed", type=int, default=0)
@@ -316,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a model dir or a training workdir")
     p.add_argument("--class-name", required=True, help="the object word for the prompts")
     p.add_argument("--output", required=True)
-    p.add_argument("--image-size", type=int, default=512, help="network input size (default 512)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--image-size", type=patch_multiple, default=512,
+                   help="network input size, a multiple of 16 (default 512)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--save-maps", action="store_true", help="also write maps/<name>.npy")
     p.add_argument("--scale", choices=["run", "fixed"], default="run",
                    help="heatmap colours: run = min..max of this run's maps (default), fixed = 0..1")
@@ -356,9 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(run=_data_build)
     q = dsub.add_parser("synthetic", help="generate the synthetic anomaly dataset (MVTec layout)")
     q.add_argument("--output", required=True)
-    q.add_argument("--size", type=int, default=128)
-    q.add_argument("--normal", type=int, default=10)
-    q.add_argument("--per-defect", type=int, default=8)
+    q.add_argument("--size", type=positive_int, default=128)
+    q.add_argument("--normal", type=positive_int, default=10)
+    q.add_argument("--per-defect", type=positive_int, default=8)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(run=_data_synthetic)
 
@@ -371,8 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dinov3", default=None, help="converted DINOv3 directory (optional)")
     p.add_argument("--clip-text", default=None, help="converted CLIP text directory (optional)")
     p.add_argument("--quick", action="store_true", help="2 epochs (smoke test)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="network input size (default 128; real weights deserve 512)")
+    p.add_argument("--image-size", type=patch_multiple, default=None,
+                   help="network input size, a multiple of 16 (default 128; real weights deserve 512)")
     p.set_defaults(run=_demo)
     return parser
 
