@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 PATCH_SIZE = 16  # every DINOv3 variant's
+# `configs/` of the source tree: `--config configs/demo.py` also works outside the repository root.
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def positive_int(text: str) -> int:
@@ -95,9 +98,13 @@ def load_config(path: str, overrides: list[str]):
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         raise SystemExit(f"addinov3: unrecognized arguments: {' '.join(bad)}")
-    file = path.split(":", 1)[0]
-    if not file or not os.path.isfile(file):
-        raise config_lib.ConfigError(f"{file}: no such config file")
+    file, colon, arg = path.partition(":")
+    if file and not os.path.isfile(file) and os.path.isfile(SHIPPED_CONFIGS.parent / file):
+        path = str(SHIPPED_CONFIGS.parent / file) + colon + arg  # `configs/x.py` from anywhere
+    elif not file or not os.path.isfile(file):
+        raise config_lib.ConfigError(f"{file}: no such config file (the shipped ones are "
+                                     f"{', '.join(sorted(p.name for p in SHIPPED_CONFIGS.glob('*.py')))} "
+                                     f"in {SHIPPED_CONFIGS})")
     fv = flags.FlagValues()
     argv = ["addinov3", f"--config={path}", *overrides]
     # sys_argv: the overrides are these, not the process's (library calls, tests).
