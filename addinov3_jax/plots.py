@@ -37,8 +37,8 @@ MAX_ENLARGED_WIDTH = 4096
 
 def colormap(x: np.ndarray) -> np.ndarray:
     """(H, W) values in [0, 1] -> (H, W, 3) uint8 colours."""
-    x = np.clip(np.nan_to_num(x), 0, 1) * (len(_RAMP) - 1)
-    lo = np.floor(x).astype(int)
+    x = np.clip(np.nan_to_num(np.asarray(x, np.float32)), 0, 1) * np.float32(len(_RAMP) - 1)
+    lo = np.floor(x).astype(np.uint8)
     hi = np.minimum(lo + 1, len(_RAMP) - 1)
     t = (x - lo)[..., None]
     return (_RAMP[lo] * (1 - t) + _RAMP[hi] * t).astype(np.uint8)
@@ -81,7 +81,8 @@ def overlay(image_rgb: np.ndarray, amap: np.ndarray, mask: np.ndarray | None = N
     values outside are clipped. The caption line shows `caption`, the image `score` and the scale.
     """
     lo, hi = float(scale[0]), float(scale[1])
-    norm = (np.asarray(amap, np.float64) - lo) / (hi - lo) if hi > lo else np.zeros(np.shape(amap))
+    norm = ((np.asarray(amap, np.float32) - np.float32(lo)) / np.float32(hi - lo) if hi > lo
+            else np.zeros(np.shape(amap), np.float32))
     image_rgb = np.asarray(image_rgb, np.uint8)
     blend = (image_rgb * (1 - alpha) + colormap(norm) * alpha).astype(np.uint8)
     panels = [image_rgb, blend]

@@ -263,7 +263,9 @@ def test_a_full_disk_is_one_line_and_the_rerun_finishes(train_data, tmp_path, mo
     monkeypatch.syspath_prepend(str(REPO))
     argv = ["train", "--config", str(cfg_file), "--workdir", str(work)]
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    err = [line for line in err.splitlines() if line.startswith("addinov3 ")]  # not the bars
     assert len(err) == 1 and "could not write (the disk is full)" in err[0]
     assert str(work / "model") in err[0] and "rerun the same command" in err[0]
     monkeypatch.setattr(safetensors.numpy, "save_file", real)
@@ -278,8 +280,8 @@ def test_a_full_disk_is_one_line_and_the_rerun_finishes(train_data, tmp_path, mo
 @pytest.mark.parametrize("flag,value,message", [
     ("--batch-size", "0", "expected a positive integer, got 0"),
     ("--batch-size", "-2", "expected a positive integer, got -2"),
-    ("--image-size", "8", "positive multiple of the patch size 16 (e.g. 16 or 32), got 8"),
-    ("--image-size", "100", "positive multiple of the patch size 16 (e.g. 96 or 112), got 100"),
+    ("--image-size", "8", "expected a positive multiple of the patch size 16 (e.g. 16 or 32), got 8"),
+    ("--image-size", "100", "expected a positive multiple of the patch size 16 (e.g. 96 or 112), got 100"),
 ])
 def test_bad_numbers_are_argparse_errors(model_dir, tmp_path, capsys, flag, value, message):
     picture(tmp_path / "a.png")
@@ -356,3 +358,39 @@ def test_demo_config_from_anywhere_and_its_docs(tmp_path, monkeypatch):
     assert f"{len(config_lib.HELD_OUT)} held-out" in doc
     readme = (REPO / "README.md").read_text()
     assert "train/model" in readme and "--class-name object" in readme
+
+
+# Further first-hour cases --------------------------------------------------------------------
+
+def test_output_inside_the_input_folder_is_not_read_back(model_dir, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    picture(folder / "a.png")
+    for _ in range(2):  # the rerun must not score its own heatmaps
+        assert run(model_dir, folder / "out", folder) == 0
+        meta = json.loads((folder / "out" / "scores.json").read_text())
+        assert [Path(r["image"]).name for r in meta["images"]] == ["a.png"] and not meta["skipped"]
+    capsys.readouterr()
+
+
+def test_symlinked_folders_and_duplicates_count_once(model_dir, tmp_path, capsys):
+    real = tmp_path / "real"
+    picture(real / "a.png")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "linked").symlink_to(real, target_is_directory=True)
+    (tmp_path / "in" / "loop").symlink_to(tmp_path / "in", target_is_directory=True)
+    (tmp_path / "in" / "gone.png").symlink_to(tmp_path / "missing.png")
+    paths, skipped = predict.expand([tmp_path / "in", real / "a.png"])
+    assert [p.name for p in paths] == ["a.png"]
+    assert [(Path(s["image"]).name, s["error"]) for s in skipped] == [("gone.png", "broken symbolic link")]
+
+
+def test_blank_class_name_and_unwritable_output(model_dir, tmp_path, capsys):
+    image = picture(tmp_path / "a.png")
+    with pytest.raises(SystemExit):
+        main(["predict", "--checkpoint", str(model_dir), "--class-name", " ", "--output",
+              str(tmp_path / "o"), str(image)])
+    assert "argument --class-name: expected a word" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert run(model_dir, tmp_path / "file" / "out", image) == 2  # below a file: never writable
+    err = capsys.readouterr().err
+    assert "not writable" in err and "choose another --output" in err and err.count("\n") == 1

@@ -23,6 +23,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_empty(text: str) -> str:
+    """argparse type: a word that is not blank."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a word, got an empty string")
+    return text.strip()
+
+
 def patch_multiple(text: str) -> int:
     """argparse type: an image size, a positive multiple of the patch size (16)."""
     value = positive_int(text)
@@ -358,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Heatmap overlays (PNG), optional raw maps (NPY) and image "
                                    "scores (CSV / JSON) for images of any size.")
     p.add_argument("--checkpoint", required=True, help="a model dir or a training workdir")
-    p.add_argument("--class-name", required=True, help="the object word for the prompts")
+    p.add_argument("--class-name", required=True, type=non_empty,
+                   help="the object word for the prompts (the demo's model knows 'object')")
     p.add_argument("--output", required=True)
     p.add_argument("--image-size", type=patch_multiple, default=512,
                    help="network input size, a multiple of 16 (default 512)")

@@ -1,12 +1,19 @@
 """`addinov3 predict`: anomaly maps and scores for your own images (any sizes), batched.
 
-Writes, under the output directory:
-* `scores.csv`: one row per image (appended after every batch, so a crash keeps what was done);
-* `scores.json` (at the end, also after a crash): class name, score mode, colour scale, the rows
-  and the files that could not be read (`skipped`, with the reason);
-* `heatmaps/<name>.png`: image | overlay side by side at the original size, a colour bar with
-  tick labels and the image score;
+Writes, under the output directory (locked while a run uses it; every file replaced atomically):
+* `scores.csv`: one row per image (written after every batch to `.scores.csv.<pid>.partial`,
+  renamed at the end, also after a crash or Ctrl-C);
+* `scores.json` (at the end, also after a crash): class name, score mode, colour scale, the rows,
+  the files that could not be read (`skipped`, with the reason) and the rows whose heatmap could
+  not be drawn (`not_drawn`; drawing never loses a score);
+* `heatmaps/<name>.png`: image | overlay side by side at the original size (longest side capped
+  at `DISPLAY_MAX_SIDE`), a colour bar with tick labels and the image score;
 * optionally `maps/<name>.npy`: the float32 map at the original size (written per batch).
+
+Names are the file stems, made unique across folders (`_unique_names`). A rerun into the same
+output clears what a killed run left and removes the heatmaps / maps of inputs it does not have.
+Large photos are decoded at reduced scale (`decode_image(max_side=...)`) and their full-size maps
+are never held in memory (`map_max`, `save_full_map` work a block of rows at a time).
 
 Unreadable inputs are skipped and reported (printed, and listed in `scores.json`); the run fails
 only when nothing could be read.
@@ -69,13 +76,16 @@ class Prediction:
     not_drawn: list[dict] = dataclasses.field(default_factory=list)  # rows kept, picture failed
 
 
-def expand(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[dict]]:
+def expand(inputs: Sequence[str | os.PathLike], exclude: str | os.PathLike | None = None
+           ) -> tuple[list[Path], list[dict]]:
     """Files as given, folders expanded to their images (sorted, recursively, following
     symbolic links to folders once). Hidden files and folders (".DS_Store", "._x.jpg") are
     ignored; any other file that is not an image (by suffix) is skipped and reported, as is a
-    file given explicitly that is not one; the same file reached twice counts once. A missing
-    path is an error (nothing has been computed yet)."""
+    file given explicitly that is not one; the same file reached twice counts once. Files under
+    `exclude` (the output folder, when it lies inside an input folder: its heatmaps are not
+    inputs) are left out. A missing path is an error (nothing has been computed yet)."""
     out, skipped, seen = [], [], set()
+    skip_below = os.path.realpath(exclude) + os.sep if exclude is not None else None
 
     def add(path: Path) -> None:
         key = os.path.realpath(path)
@@ -91,6 +101,8 @@ def expand(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[dict]]
     for item in map(Path, inputs):
         if item.is_dir():
             for path in _walk(item):
+                if skip_below and os.path.realpath(path).startswith(skip_below):
+                    continue
                 if not path.exists():
                     skipped.append({"image": str(path), "error": "broken symbolic link"})
                 else:
@@ -171,8 +183,8 @@ def predict(model: ad.ADDinoV3, inputs, class_name: str, output: str | os.PathLi
     cfg = model.backbone.config
     check_arguments(scale=scale, image_size=image_size, batch_size=batch_size,
                     patch_size=cfg.patch_size, reference=reference)
-    paths, skipped = expand(inputs)
     out = Path(output)
+    paths, skipped = expand(inputs, exclude=out)
     workdir_io.ensure_writable(out, "--output")
     with workdir_io.WorkdirLock(out, command="predict"):
         return _predict(model, paths, skipped, class_name, out, image_size=image_size,
@@ -229,7 +241,8 @@ def _predict(model, paths, skipped, class_name, out: Path, *, image_size, batch_
     complete = False
     partial = out / f".scores.csv.{os.getpid()}.partial"  # renamed to scores.csv at the end
     try:
-        with open(partial, "w", newline="") as f:
+        # surrogateescape: file names that are not valid UTF-8 are written back as their bytes
+        with open(partial, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             writer.writeheader()
             for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch",
