@@ -31,7 +31,7 @@ COLORBAR_TICKS = 5
 # Pictures lower than this are enlarged (nearest neighbour, whole factors) or padded, so the
 # colour bar, its labels and the caption always fit; the enlargement keeps the width below
 # MAX_ENLARGED_WIDTH.
-MIN_HEIGHT = 64
+MIN_HEIGHT = 24
 MAX_ENLARGED_WIDTH = 4096
 
 

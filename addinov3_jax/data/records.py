@@ -132,7 +132,7 @@ def _open_lazy(data: bytes, what: str) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:
-        raise DataError(f"{what}: not an image Pillow can read (unknown or damaged format)") from None
+        raise DataError(f"{what}: unreadable or truncated image (not a format Pillow recognises)") from None
     except Exception as e:  # noqa: BLE001
         raise DataError(f"{what}: unreadable image ({type(e).__name__}: {e})") from e
 
