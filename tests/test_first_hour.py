@@ -394,3 +394,16 @@ def test_blank_class_name_and_unwritable_output(model_dir, tmp_path, capsys):
     assert run(model_dir, tmp_path / "file" / "out", image) == 2  # below a file: never writable
     err = capsys.readouterr().err
     assert "not writable" in err and "choose another --output" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "I;16", "P", "RGBA", "CMYK", "1"])
+def test_every_pixel_format_decodes_to_rgb(tmp_path, mode):
+    base = Image.fromarray((np.random.default_rng(0).random((12, 16, 3)) * 255).astype(np.uint8))
+    if mode == "I;16":
+        img = Image.fromarray((np.random.default_rng(0).random((12, 16)) * 65535).astype(np.uint16))
+    else:
+        img = base.convert(mode)
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    img.save(path)
+    out = decode_image(path.read_bytes())
+    assert out.mode == "RGB" and out.size == (16, 12)

@@ -191,7 +191,8 @@ def check_sample(record: Record) -> str | None:
     """Why the record's files cannot be used (None when they can). Decodes the image fully (to
     catch truncated pixel data) and verifies the mask's header and size."""
     try:
-        size = _verified_size(record.image_path)
+        _verified_size(record.image_path)
+        size = image_size(Path(record.image_path).read_bytes())  # upright, as decode_image gives
     except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
         return f"unreadable or truncated image ({type(e).__name__}: {e})"
     if record.mask_path is not None:
