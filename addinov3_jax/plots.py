@@ -28,12 +28,17 @@ from addinov3_jax.data.records import decode_image
 _RAMP = np.array([[0, 0, 128], [0, 64, 255], [0, 200, 255], [120, 255, 120], [255, 220, 0],
                   [255, 64, 0], [128, 0, 0]], np.float32)
 COLORBAR_TICKS = 5
+# Pictures lower than this are enlarged (nearest neighbour, whole factors) or padded, so the
+# colour bar, its labels and the caption always fit; the enlargement keeps the width below
+# MAX_ENLARGED_WIDTH.
+MIN_HEIGHT = 24
+MAX_ENLARGED_WIDTH = 4096
 
 
 def colormap(x: np.ndarray) -> np.ndarray:
     """(H, W) values in [0, 1] -> (H, W, 3) uint8 colours."""
-    x = np.clip(np.nan_to_num(x), 0, 1) * (len(_RAMP) - 1)
-    lo = np.floor(x).astype(int)
+    x = np.clip(np.nan_to_num(np.asarray(x, np.float32)), 0, 1) * np.float32(len(_RAMP) - 1)
+    lo = np.floor(x).astype(np.uint8)
     hi = np.minimum(lo + 1, len(_RAMP) - 1)
     t = (x - lo)[..., None]
     return (_RAMP[lo] * (1 - t) + _RAMP[hi] * t).astype(np.uint8)
@@ -76,7 +81,8 @@ def overlay(image_rgb: np.ndarray, amap: np.ndarray, mask: np.ndarray | None = N
     values outside are clipped. The caption line shows `caption`, the image `score` and the scale.
     """
     lo, hi = float(scale[0]), float(scale[1])
-    norm = (np.asarray(amap, np.float64) - lo) / (hi - lo) if hi > lo else np.zeros(np.shape(amap))
+    norm = ((np.asarray(amap, np.float32) - np.float32(lo)) / np.float32(hi - lo) if hi > lo
+            else np.zeros(np.shape(amap), np.float32))
     image_rgb = np.asarray(image_rgb, np.uint8)
     blend = (image_rgb * (1 - alpha) + colormap(norm) * alpha).astype(np.uint8)
     panels = [image_rgb, blend]
@@ -85,8 +91,9 @@ def overlay(image_rgb: np.ndarray, amap: np.ndarray, mask: np.ndarray | None = N
         contour = blend.copy()
         contour[m & ~_erode(m)] = (255, 255, 255)
         panels.append(contour)
-    body = np.concatenate(panels, axis=1)
-    h, w = body.shape[:2]
+    body = _enlarge_small(np.concatenate(panels, axis=1))
+    w = body.shape[1]
+    h = max(body.shape[0], MIN_HEIGHT)  # a very wide, very low picture: padded below
     fpx = _font_px(h)
     font = _font(fpx)
     caption_h = int(fpx * 1.8)
@@ -111,6 +118,13 @@ def overlay(image_rgb: np.ndarray, amap: np.ndarray, mask: np.ndarray | None = N
     parts.append(f"colours: map {_tick(lo)} .. {_tick(hi)}")
     draw.text((4, h + caption_h // 2), "   ".join(parts), fill=(0, 0, 0), font=font, anchor="lm")
     return out
+
+
+def _enlarge_small(body: np.ndarray) -> np.ndarray:
+    """`body` repeated k x k (nearest neighbour) when it is lower than `MIN_HEIGHT`."""
+    h, w = body.shape[:2]
+    k = max(1, min(-(-MIN_HEIGHT // max(h, 1)), MAX_ENLARGED_WIDTH // max(w, 1)))
+    return body if k == 1 else body.repeat(k, axis=0).repeat(k, axis=1)
 
 
 def _erode(m: np.ndarray) -> np.ndarray:

@@ -67,7 +67,8 @@ def test_one_class_categories_and_original_resolution(tiny, tmp_path):
         assert "only anomalous images" in entry["notes"]["all_bad"][0]
         assert 0 <= row["pixel_auroc"] <= 1
     text = (tmp_path / "original" / "results.json").read_text()
-    assert "NaN" in text and "n/a" in (tmp_path / "original" / "results.md").read_text()
+    assert "NaN" not in text and "null" in text  # strict JSON (DESIGN §4)
+    assert "n/a" in (tmp_path / "original" / "results.md").read_text()
 
 
 def test_original_resolution_curves_agree_with_results(tiny, syn, tmp_path):

@@ -5,6 +5,39 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
+
+PATCH_SIZE = 16  # every DINOv3 variant's
+# `configs/` of the source tree: `--config configs/demo.py` also works outside the repository root.
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_empty(text: str) -> str:
+    """argparse type: a word that is not blank."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a word, got an empty string")
+    return text.strip()
+
+
+def patch_multiple(text: str) -> int:
+    """argparse type: an image size, a positive multiple of the patch size (16)."""
+    value = positive_int(text)
+    if value % PATCH_SIZE:
+        lower = max(PATCH_SIZE, value // PATCH_SIZE * PATCH_SIZE)
+        raise argparse.ArgumentTypeError(f"expected a positive multiple of the patch size "
+                                         f"{PATCH_SIZE} (e.g. {lower} or {lower + PATCH_SIZE}), got {value}")
+    return value
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -72,9 +105,13 @@ def load_config(path: str, overrides: list[str]):
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         raise SystemExit(f"addinov3: unrecognized arguments: {' '.join(bad)}")
-    file = path.split(":", 1)[0]
-    if not file or not os.path.isfile(file):
-        raise config_lib.ConfigError(f"{file}: no such config file")
+    file, colon, arg = path.partition(":")
+    if file and not os.path.isfile(file) and os.path.isfile(SHIPPED_CONFIGS.parent / file):
+        path = str(SHIPPED_CONFIGS.parent / file) + colon + arg  # `configs/x.py` from anywhere
+    elif not file or not os.path.isfile(file):
+        raise config_lib.ConfigError(f"{file}: no such config file (the shipped ones are "
+                                     f"{', '.join(sorted(p.name for p in SHIPPED_CONFIGS.glob('*.py')))} "
+                                     f"in {SHIPPED_CONFIGS})")
     fv = flags.FlagValues()
     argv = ["addinov3", f"--config={path}", *overrides]
     # sys_argv: the overrides are these, not the process's (library calls, tests).
@@ -82,19 +119,31 @@ def load_config(path: str, overrides: list[str]):
                                     sys_argv=argv)
     try:
         fv(argv)
-    except config_lib.ConfigError:
-        raise
     except Exception as e:  # absl wraps errors of the file and of the overrides
         cause = e.__cause__ or e.__context__
-        if isinstance(cause, config_lib.ConfigError):
-            raise cause from None
+        err = cause if isinstance(cause, config_lib.ConfigError) else e
+        if isinstance(err, config_lib.ConfigError):
+            if "Traceback" in str(err):  # ml_collections quotes the config file's error
+                raise config_lib.ConfigError(_flag_message(err)) from None
+            raise err from None
         raise config_lib.ConfigError(f"{path}: {_flag_message(e)}") from None
     return config_lib.validate(fv.config)
 
 
 def _flag_message(e: Exception) -> str:
-    """absl's error for a config override, on one line."""
-    msg = " ".join(str(e).split())
+    """absl's error for a config file or override, on one line: a misspelt field's own message
+    (not the KeyError's repr), the config file's error (not ml_collections' quoted traceback)."""
+    cause, msg = e, str(e)
+    while cause is not None:
+        if isinstance(cause, KeyError) and cause.args:
+            msg = str(cause.args[0])
+            break
+        cause = cause.__cause__ or cause.__context__
+    if "Traceback (most recent call last)" in msg:
+        last = msg.strip().splitlines()[-1]
+        kind, _, text = last.partition(": ")
+        msg = text if text and kind.rsplit(".", 1)[-1].endswith(("Error", "Exception")) else last
+    msg = " ".join(msg.split())
     return msg.replace("flag --config=", "").replace("Illegal value ", "bad value ")
 
 
@@ -226,6 +275,8 @@ def _predict(args: argparse.Namespace) -> int:
                              mesh=mesh, reference=args.reference, fewshot_config=fs)
     for item in result.skipped:
         print(f"skipped {item['image']}: {item['error']}", file=sys.stderr)
+    for item in result.not_drawn:
+        print(f"no heatmap for {item['image']} (its scores are kept): {item['error']}", file=sys.stderr)
     lo, hi = result.scale
     if args.reference is not None:
         print(f"few-shot: fused with a memory bank of the normal images in {args.reference}")
@@ -284,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random", default=None, metavar="VARIANT",
                    help="compare randomly initialised models of this variant (no file needed)")
     p.add_argument("--image-size", default="224", help="dinov3: H or H,W (default 224)")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=positive_int, default=2)
     p.add_argument("--activation", choices=tuple(clip_text.ACTIVATIONS), default="quick_gelu",
                    help="clip-text with --random: activation of both towers")
     p.add_argument("--seed", type=int, default=0)
@@ -324,14 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Heatmap overlays (PNG), optional raw maps (NPY) and image "
                                    "scores (CSV / JSON) for images of any size.")
     p.add_argument("--checkpoint", required=True, help="a model dir or a training workdir")
-    p.add_argument("--class-name", required=True, help="the object word for the prompts")
+    p.add_argument("--class-name", required=True, type=non_empty,
+                   help="the object word for the prompts (the demo's model knows 'object')")
     p.add_argument("--output", required=True)
-    p.add_argument("--image-size", type=int, default=512, help="network input size (default 512)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--fsdp", type=int, default=1, metavar="N",
+    p.add_argument("--image-size", type=patch_multiple, default=512,
+                   help="network input size, a multiple of 16 (default 512)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--fsdp", type=positive_int, default=1, metavar="N",
                    help="split the model's parameters over N devices (e.g. vit7b16 on 8 x 16 GB); "
                         "the batch is split over all devices, so --batch-size must divide evenly")
-    p.add_argument("--tensor", type=int, default=1, metavar="N",
+    p.add_argument("--tensor", type=positive_int, default=1, metavar="N",
                    help="split heads / hidden units over N devices (tensor parallelism)")
     p.add_argument("--save-maps", action="store_true", help="also write maps/<name>.npy")
     p.add_argument("--scale", choices=predict_lib.SCALES, default="run",
@@ -371,9 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(run=_data_build)
     q = dsub.add_parser("synthetic", help="generate the synthetic anomaly dataset (MVTec layout)")
     q.add_argument("--output", required=True)
-    q.add_argument("--size", type=int, default=128)
-    q.add_argument("--normal", type=int, default=10)
-    q.add_argument("--per-defect", type=int, default=8)
+    q.add_argument("--size", type=positive_int, default=128)
+    q.add_argument("--normal", type=positive_int, default=10)
+    q.add_argument("--per-defect", type=positive_int, default=8)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(run=_data_synthetic)
 
@@ -386,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dinov3", default=None, help="converted DINOv3 directory (optional)")
     p.add_argument("--clip-text", default=None, help="converted CLIP text directory (optional)")
     p.add_argument("--quick", action="store_true", help="2 epochs (smoke test)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="network input size (default 128; real weights deserve 512)")
+    p.add_argument("--image-size", type=patch_multiple, default=None,
+                   help="network input size, a multiple of 16 (default 128; real weights deserve 512)")
     p.set_defaults(run=_demo)
     return parser
 

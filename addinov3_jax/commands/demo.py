@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -35,6 +34,7 @@ def run(workdir: str = "demo_out", seed: int = 0, *, dinov3: str | None = None,
 
     from addinov3_jax import config as config_lib
     from addinov3_jax.data import synthetic
+    from addinov3_jax.io.workdir import strict_json
     from addinov3_jax.models import model as ad
     from addinov3_jax.runtime import evaluator as evaluate
     from addinov3_jax.runtime import setup
@@ -108,7 +108,7 @@ def run(workdir: str = "demo_out", seed: int = 0, *, dinov3: str | None = None,
                   "mean": {key: r["datasets"]["synthetic"]["mean"][key] for key, _ in SIDE_BY_SIDE},
                   "std": {key: r["datasets"]["synthetic"]["mean_std"][key] for key, _ in SIDE_BY_SIDE},
               } for k, r in fewshot_results.items()}}
-    (workdir / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (workdir / "demo_report.json").write_text(strict_json(report, indent=2) + "\n")
     print(f"demo: held-out mean pixel AUROC {_pct(mean_tr)} trained vs {_pct(mean_un)} untrained; "
           f"{summary['steps']} training steps; {report['seconds']} s in total")
     if fewshot_results:

@@ -80,11 +80,19 @@ def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
+def resize_map_rows(map_hw: np.ndarray, height: int, width: int, rows: int = 512):
+    """(start row, block) pieces of one map resized to (height, width) on the host, bilinear with
+    align_corners=True, `rows` output rows at a time (no full-size copy for huge images)."""
+    rh = resize_matrix(map_hw.shape[0], height).astype(np.float32)
+    cols = np.asarray(map_hw, np.float32) @ resize_matrix(map_hw.shape[1], width).astype(np.float32).T
+    for start in range(0, height, rows):
+        yield start, rh[start : start + rows] @ cols
+
+
 def resize_map(map_hw: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear (align_corners=True) resize of one map to (height, width) on the host: the one
-    map resize of eval at original resolution and of predict."""
-    rh, rw = resize_matrix(map_hw.shape[0], height), resize_matrix(map_hw.shape[1], width)
-    return (rh @ np.asarray(map_hw, np.float32) @ rw.T).astype(np.float32)
+    """One map resized to (height, width) on the host: the one map resize of eval at original
+    resolution and of predict (`resize_map_rows` in one piece)."""
+    return np.concatenate([b for _, b in resize_map_rows(map_hw, height, width, max(height, 1))])
 
 
 def upsample_bilinear(x_bhwc: jax.Array, size: tuple[int, int]) -> jax.Array:

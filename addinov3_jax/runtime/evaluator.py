@@ -143,9 +143,12 @@ def category_metrics(labels, scores, masks, maps, *, has_masks: bool, fpr_limit:
             gt, flat = metrics.GroundTruth.from_masks(masks), maps
         curves["pixel"] = metrics.pixel_curves(None, flat, ground_truth=gt)
         p = curves["pixel"].metrics(fpr_limit)
-        if curves["pixel"].num_pos == 0:  # no anomalous pixel: nothing to rank
-            notes.append("pixel metrics undefined: no anomalous pixels")
-            p = {k: math.nan for k in p}
+        if not (curves["pixel"].num_pos and curves["pixel"].num_neg):  # one pixel class only:
+            # AUROC, AP, F1-max and AUPRO are all undefined
+            notes.append("pixel metrics undefined: no anomalous pixels (only normal images, or "
+                         "empty masks)" if not curves["pixel"].num_pos else
+                         "pixel metrics undefined: no normal pixels")
+            p = dict.fromkeys(("auroc", "ap", "f1_max", "aupro"), math.nan)
         row.update(pixel_auroc=p["auroc"], pixel_ap=p["ap"], pixel_f1_max=p["f1_max"],
                    pixel_aupro=p["aupro"])
     row["num_images"] = int(len(labels))
@@ -266,8 +269,10 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
                 f"{p}: duplicate" for p in report.duplicates]
         results["datasets"][name] = entry
     if is_main:
-        (out_dir / f"{results_name}.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
-        (out_dir / f"{results_name}.md").write_text(markdown(results))
+        # Strict JSON: undefined metrics (NaN in memory) are null in the file (DESIGN §4).
+        workdir_lib.atomic_write_text(out_dir / f"{results_name}.json",
+                                     workdir_lib.strict_json(results, indent=2) + "\n")
+        workdir_lib.atomic_write_text(out_dir / f"{results_name}.md", markdown(results))
     return results
 
 

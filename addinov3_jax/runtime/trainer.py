@@ -43,6 +43,7 @@ from addinov3_jax.runtime.feature_cache import FEATURE_AXES, FeatureCache, nbyte
 # after step K, once the checkpoints started so far are complete, so that tests of a kill or a
 # Ctrl-C and of the resume that follows are deterministic.
 SIGNAL_AFTER_STEP_ENV = "ADDINOV3_TEST_SIGNAL_AFTER_STEP"
+RESUME_HINT = "rerun the same command to resume from the last checkpoint"
 
 
 class TrainingInterrupted(RuntimeError):
@@ -120,7 +121,7 @@ class _Writers:
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.write(workdir_lib.strict_json(row) + "\n")
         self.jsonl.flush()
         for k, v in row.items():
             if k != "step" and math.isfinite(v):
@@ -132,6 +133,15 @@ class _Writers:
             self.jsonl.close()
             self.tb.close()
 
+
+
+def log_row(terms: dict, steps: int, since: float, batch_size: int) -> dict[str, float]:
+    """The loss terms as floats and the speed since `since` (a `time.perf_counter()` reading)
+    over the last `steps` steps. The floats are read first: they wait for the step to finish,
+    so the clock measures the computation, not its asynchronous dispatch."""
+    row = {k: float(v) for k, v in terms.items()}
+    rate = steps / max(time.perf_counter() - since, 1e-9)
+    return {**row, "steps_per_s": rate, "images_per_s": rate * batch_size}
 
 
 def _step_of(line: str) -> int | None:
@@ -196,7 +206,11 @@ def _run(rt: setup.Runtime, workdir: Path) -> dict[str, Any]:
     if steps_per_epoch == 0:
         raise ValueError(f"{len(source)} training images are fewer than one batch of {t.batch_size}")
     total = t.epochs * steps_per_epoch
+    mngr = checkpointing.manager(workdir, t.keep_checkpoints)
+    checkpointing.check_same_run(checkpointing.saved_config(mngr),  # before any heavy work
+                                 json.loads(cfg.to_json_best_effort()), workdir)
     if checkpointing.latest_step(workdir) == total and (workdir / "model" / model_dir.MODEL_FILE).is_file():
+        mngr.close()
         if is_main:
             print(f"{workdir}: already finished ({total} steps); the model is in {workdir / 'model'}")
         return {"steps": total, "resumed_from": total, "compilations": 0, "finished": True,
@@ -204,10 +218,6 @@ def _run(rt: setup.Runtime, workdir: Path) -> dict[str, Any]:
     stop = min(t.stop_after or total, total)
     tx, schedule = steps.make_optimizer(cfg, total)
     grid, head_cfg = rt.grid, rt.head_config
-
-    mngr = checkpointing.manager(workdir, t.keep_checkpoints)
-    checkpointing.check_same_run(checkpointing.saved_config(mngr),  # before any heavy work
-                                 json.loads(cfg.to_json_best_effort()), workdir)
 
     # Frozen towers (sharded by the rules) and the text prototypes, computed once per class.
     backbone, text = rt.towers()
@@ -261,15 +271,14 @@ def _run(rt: setup.Runtime, workdir: Path) -> dict[str, Any]:
                 state, terms = step_fn(state, frozen, batch)
             last_terms, done = terms, step + 1
             if done % t.log_every == 0 or done in (total, stop):
-                rate = (done - n_last) / max(time.perf_counter() - t_last, 1e-9)
-                row = {k: float(v) for k, v in terms.items()}
-                row.update(step=done, lr=float(schedule(done - 1)), steps_per_s=rate,
-                           images_per_s=rate * t.batch_size)
+                row = log_row(terms, done - n_last, t_last, t.batch_size)
+                row.update(step=done, lr=float(schedule(done - 1)))
                 writer.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 t_last, n_last = time.perf_counter(), done
             if done % t.checkpoint_every == 0 and done != total:
-                checkpointing.save(mngr, done, state, it.get_state(), {"step": done, **meta})
+                with workdir_lib.write_guard(mngr.directory, RESUME_HINT):
+                    checkpointing.save(mngr, done, state, it.get_state(), {"step": done, **meta})
             bar.update(1)
             if done == int(hook_step):
                 mngr.wait_until_finished()
@@ -280,9 +289,10 @@ def _run(rt: setup.Runtime, workdir: Path) -> dict[str, Any]:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     bar.close()
-    if mngr.latest_step() != done:  # the final (or interrupted) step, checkpointed
-        checkpointing.save(mngr, done, state, it.get_state(), {"step": done, **meta}, force=True)
-    mngr.wait_until_finished()
+    with workdir_lib.write_guard(mngr.directory, RESUME_HINT):
+        if mngr.latest_step() != done:  # the final (or interrupted) step, checkpointed
+            checkpointing.save(mngr, done, state, it.get_state(), {"step": done, **meta}, force=True)
+        mngr.wait_until_finished()
     mngr.close()
     writer.close()
     if ctrl_c["raised"] or (n_proc > 1 and done < stop):
@@ -296,7 +306,8 @@ def _run(rt: setup.Runtime, workdir: Path) -> dict[str, Any]:
             print(f"stopped after step {done} of {total} (train.stop_after); rerun without it to "
                   "continue")
         return summary
-    save_model(cfg, workdir / "model", backbone, text, state.params, head_cfg, is_main)
+    with workdir_lib.write_guard(workdir / "model", RESUME_HINT):
+        save_model(cfg, workdir / "model", backbone, text, state.params, head_cfg, is_main)
     return summary
 
 
@@ -329,6 +340,9 @@ def summary_line(summary: dict[str, Any], workdir) -> str:
         return f"nothing to do: {workdir} already holds the finished run"
     if summary["steps"] < summary.get("total_steps", summary["steps"]):
         return f"stopped after step {summary['steps']}; checkpoint in {workdir}/checkpoints"
+    if summary["steps"] == summary.get("resumed_from") or "loss" not in summary.get("final", {}):
+        return (f"no step left to train (resumed at step {summary['steps']}, the last); model "
+                f"written to {workdir}/model")
     return (f"trained {summary['steps']} steps (resumed from {summary['resumed_from']}); final loss "
             f"{summary['final'].get('loss', float('nan')):.4f}; model written to {workdir}/model")
 
