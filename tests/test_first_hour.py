@@ -258,9 +258,13 @@ def test_a_full_disk_is_one_line_and_the_rerun_finishes(train_data, tmp_path, mo
     monkeypatch.setattr(safetensors.numpy, "save_file", full)
     work = tmp_path / "w"
     cfg_file = tmp_path / "cfg.py"
-    cfg_file.write_text("from tests.test_first_hour import train_config\n"
-                        f"def get_config():\n    return train_config({str(train_data)!r})\n")
-    monkeypatch.syspath_prepend(str(REPO))
+    cfg_file.write_text(  # train_config above, as a config file
+        "from addinov3_jax import config\n\n\ndef get_config():\n"
+        "    c = config.demo_config()\n"
+        f"    c.data.root, c.data.classes, c.data.image_size = {str(train_data)!r}, "
+        "('marble', 'washer'), 32\n"
+        "    c.train.epochs, c.train.log_every, c.train.checkpoint_every = 1, 1, 100\n"
+        "    return c\n")
     argv = ["train", "--config", str(cfg_file), "--workdir", str(work)]
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -318,7 +322,7 @@ def test_large_photos_are_never_held_at_full_size(model_dir, tmp_path, monkeypat
     monkeypatch.setattr(predict, "DISPLAY_MAX_SIDE", 64)
     path = picture(tmp_path / "in" / "big.jpg", size=(400, 300), format="JPEG")
     drawn, resized = [], []
-    real_overlay, real_resize = plots.overlay, predict.resize_map
+    real_overlay, real_resize = plots.overlay, ad.resize_map
 
     def overlay(image, amap, *a, **kw):
         drawn.append((np.shape(image), np.shape(amap)))
@@ -329,7 +333,7 @@ def test_large_photos_are_never_held_at_full_size(model_dir, tmp_path, monkeypat
         return real_resize(amap, h, w)
 
     monkeypatch.setattr(plots, "overlay", overlay)
-    monkeypatch.setattr(predict, "resize_map", resize_map)
+    monkeypatch.setattr(ad, "resize_map", resize_map)
     assert run(model_dir, tmp_path / "out", path, extra=("--save-maps",)) == 0
     assert drawn == [((48, 64, 3), (48, 64))] and resized == [(48, 64)]  # no 300 x 400 copy
     row = json.loads((tmp_path / "out" / "scores.json").read_text())["images"][0]
