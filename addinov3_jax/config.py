@@ -13,7 +13,9 @@ from collections.abc import Iterable
 
 import ml_collections
 
-from addinov3_jax.models import sharding
+from addinov3_jax.data import readers, records
+from addinov3_jax.models import clip_text, fewshot, layers, sharding
+from addinov3_jax.models import model as ad
 
 
 class ConfigError(ValueError):
@@ -94,19 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
     # images per class, one per seed of `shot_seeds`; results are the mean over seeds.
     c.eval.shots = 0  # 0 = zero-shot only
     c.eval.shot_seeds = (0,)
-    c.eval.fewshot = ml_collections.ConfigDict()  # the fields of fewshot.FewShotConfig
-    c.eval.fewshot.augment = "none"  # "none", "flip", "rot90", "dihedral"
-    c.eval.fewshot.rotation_angles = ()  # extra small rotations (degrees), one view each
-    c.eval.fewshot.coreset_ratio = 1.0
-    c.eval.fewshot.coreset_projection_dim = 128
-    c.eval.fewshot.block_size = 4096
-    c.eval.fewshot.bank_dtype = "float32"
-    c.eval.fewshot.image_score = "mean_top"
-    c.eval.fewshot.top_fraction = 0.01
-    c.eval.fewshot.smoothing_sigma = 4.0
-    c.eval.fewshot.fusion = "add"
-    c.eval.fewshot.fusion_weight = 1.0
-    c.eval.fewshot.shard_bank = False  # True: bank rows split over the mesh (large banks)
+    # The fields of fewshot.FewShotConfig with its defaults (documented there), but shots / seeds.
+    c.eval.fewshot = ml_collections.ConfigDict({
+        f.name: f.default for f in dataclasses.fields(fewshot.FewShotConfig)
+        if f.name not in ("shots", "seeds")})
     return c
 
 
@@ -173,24 +166,28 @@ def demo_config(arg: str = "") -> ml_collections.ConfigDict:
 # ---------------------------------------------------------------------------------------------
 # Validation
 
+# Choices owned by the runtime, declared here once (the runtime and the CLI read them from here).
+FEATURE_CACHE_MODES = ("auto", "device", "memory", "disk", "off")
+RESOLUTIONS = ("network", "original")
+
+# Every enumerated field and its allowed values, read from the module that owns each choice.
 ENUMS = {
-    "model.text_layout": ("stack", "interleave"),
-    "model.class_name_source": ("readable", "path", "fixed"),
-    "model.image_score": ("global", "max", "mean_of_both"),
-    "model.compute_dtype": ("float32", "bfloat16"),
-    "model.text_activation": ("gelu", "quick_gelu", ""),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention_impl": ("auto", "xla", "cudnn", "splash"),
-    "data.source": ("raw", "tfds"),
-    "data.on_bad_sample": ("error", "skip"),
-    "train.feature_cache": ("auto", "device", "memory", "disk", "off"),
-    "train.feature_cache_dtype": ("float32", "bfloat16"),
-    "eval.resolution": ("network", "original"),
-    # = fewshot.AUGMENTS, IMAGE_SCORES, FUSIONS, BANK_DTYPES (tests/test_fewshot_eval.py checks)
-    "eval.fewshot.augment": ("none", "flip", "rot90", "dihedral"),
-    "eval.fewshot.image_score": ("mean_top", "max"),
-    "eval.fewshot.fusion": ("add", "none"),
-    "eval.fewshot.bank_dtype": ("float32", "bfloat16"),
+    "model.text_layout": ad.TEXT_LAYOUTS,
+    "model.class_name_source": records.CLASS_NAME_SOURCES,
+    "model.image_score": ad.IMAGE_SCORES,
+    "model.compute_dtype": layers.DTYPES,
+    "model.text_activation": (*clip_text.ACTIVATIONS, ""),
+    "model.param_dtype": layers.DTYPES,
+    "model.attention_impl": tuple(a for a in layers.ATTENTION_IMPLEMENTATIONS if a),
+    "data.source": readers.SOURCES,
+    "data.on_bad_sample": readers.ON_BAD_SAMPLE,
+    "train.feature_cache": FEATURE_CACHE_MODES,
+    "train.feature_cache_dtype": layers.DTYPES,
+    "eval.resolution": RESOLUTIONS,
+    "eval.fewshot.augment": tuple(fewshot.AUGMENTS),
+    "eval.fewshot.image_score": fewshot.IMAGE_SCORES,
+    "eval.fewshot.fusion": fewshot.FUSIONS,
+    "eval.fewshot.bank_dtype": fewshot.BANK_DTYPES,
 }
 POSITIVE = ("data.image_size", "train.batch_size", "train.epochs", "train.log_every",
             "train.checkpoint_every", "train.keep_checkpoints", "eval.batch_size",
@@ -256,8 +253,6 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def fewshot_config(c: ml_collections.ConfigDict):
     """The `fewshot.FewShotConfig` of `c.eval` (shots, shot_seeds, fewshot.*). Raises ConfigError
     naming the field."""
-    from addinov3_jax.models import fewshot
-
     if not isinstance(c.eval.shots, int) or isinstance(c.eval.shots, bool):
         raise ConfigError(f"config field eval.shots={c.eval.shots!r} must be an integer >= 0")
     seeds = c.eval.shot_seeds
@@ -278,9 +273,3 @@ def fewshot_config(c: ml_collections.ConfigDict):
         raise ConfigError(f"config field eval.fewshot.{e}") from None
     except TypeError as e:
         raise ConfigError(f"config field eval.fewshot: {e}") from None
-
-
-def object_word_source(c: ml_collections.ConfigDict) -> str:
-    """The data layer's spelling of the class-name choice ("readable", "path", "fixed:WORD")."""
-    m = c.model
-    return f"fixed:{m.class_name}" if m.class_name_source == "fixed" else m.class_name_source

@@ -28,12 +28,17 @@ from addinov3_jax.data.records import decode_image
 _RAMP = np.array([[0, 0, 128], [0, 64, 255], [0, 200, 255], [120, 255, 120], [255, 220, 0],
                   [255, 64, 0], [128, 0, 0]], np.float32)
 COLORBAR_TICKS = 5
+# Pictures lower than this are enlarged (nearest neighbour, whole factors) or padded, so the
+# colour bar, its labels and the caption always fit; the enlargement keeps the width below
+# MAX_ENLARGED_WIDTH.
+MIN_HEIGHT = 24
+MAX_ENLARGED_WIDTH = 4096
 
 
 def colormap(x: np.ndarray) -> np.ndarray:
     """(H, W) values in [0, 1] -> (H, W, 3) uint8 colours."""
-    x = np.clip(np.nan_to_num(x), 0, 1) * (len(_RAMP) - 1)
-    lo = np.floor(x).astype(int)
+    x = np.clip(np.nan_to_num(np.asarray(x, np.float32)), 0, 1) * np.float32(len(_RAMP) - 1)
+    lo = np.floor(x).astype(np.uint8)
     hi = np.minimum(lo + 1, len(_RAMP) - 1)
     t = (x - lo)[..., None]
     return (_RAMP[lo] * (1 - t) + _RAMP[hi] * t).astype(np.uint8)
@@ -76,7 +81,8 @@ def overlay(image_rgb: np.ndarray, amap: np.ndarray, mask: np.ndarray | None = N
     values outside are clipped. The caption line shows `caption`, the image `score` and the scale.
     """
     lo, hi = float(scale[0]), float(scale[1])
-    norm = (np.asarray(amap, np.float64) - lo) / (hi - lo) if hi > lo else np.zeros(np.shape(amap))
+    norm = ((np.asarray(amap, np.float32) - np.float32(lo)) / np.float32(hi - lo) if hi > lo
+            else np.zeros(np.shape(amap), np.float32))
     image_rgb = np.asarray(image_rgb, np.uint8)
     blend = (image_rgb * (1 - alpha) + colormap(norm) * alpha).astype(np.uint8)
     panels = [image_rgb, blend]
@@ -85,8 +91,9 @@ def overlay(image_rgb: np.ndarray, amap: np.ndarray, mask: np.ndarray | None = N
         contour = blend.copy()
         contour[m & ~_erode(m)] = (255, 255, 255)
         panels.append(contour)
-    body = np.concatenate(panels, axis=1)
-    h, w = body.shape[:2]
+    body = _enlarge_small(np.concatenate(panels, axis=1))
+    w = body.shape[1]
+    h = max(body.shape[0], MIN_HEIGHT)  # a very wide, very low picture: padded below
     fpx = _font_px(h)
     font = _font(fpx)
     caption_h = int(fpx * 1.8)
@@ -111,6 +118,13 @@ def overlay(image_rgb: np.ndarray, amap: np.ndarray, mask: np.ndarray | None = N
     parts.append(f"colours: map {_tick(lo)} .. {_tick(hi)}")
     draw.text((4, h + caption_h // 2), "   ".join(parts), fill=(0, 0, 0), font=font, anchor="lm")
     return out
+
+
+def _enlarge_small(body: np.ndarray) -> np.ndarray:
+    """`body` repeated k x k (nearest neighbour) when it is lower than `MIN_HEIGHT`."""
+    h, w = body.shape[:2]
+    k = max(1, min(-(-MIN_HEIGHT // max(h, 1)), MAX_ENLARGED_WIDTH // max(w, 1)))
+    return body if k == 1 else body.repeat(k, axis=0).repeat(k, axis=1)
 
 
 def _erode(m: np.ndarray) -> np.ndarray:
@@ -179,21 +193,6 @@ def _figure(**kw):
     return Figure(**kw)
 
 
-def category_curves(labels, scores, masks, maps, *, ground_truth: metrics.GroundTruth | None = None
-                    ) -> dict[str, metrics.Curves | None]:
-    """{"image": ROC / PR points (None with one class only), "pixel": ROC / PR / PRO points}.
-
-    `masks`, `maps`: (N, H, W) arrays, or lists of 2-D arrays of any sizes (pooled)."""
-    labels = np.asarray(labels)
-    image = metrics.curves(labels, scores) if labels.min() != labels.max() else None
-    if isinstance(maps, list):
-        gt = ground_truth or metrics.GroundTruth.from_masks_list(masks)
-        flat = np.concatenate([np.asarray(m).reshape(-1) for m in maps])
-    else:
-        gt, flat = ground_truth or metrics.GroundTruth.from_masks(masks), maps
-    return {"image": image, "pixel": metrics.pixel_curves(None, flat, ground_truth=gt)}
-
-
 def _thin(*arrays, points: int = 2000):
     n = len(arrays[0])
     if n <= points:
@@ -206,7 +205,8 @@ def curves_figure(runs: Mapping[str, Mapping[str, metrics.Curves | None]], title
                   *, fpr_limit: float = 0.3):
     """A matplotlib Figure with four panels (image ROC, pixel ROC, pixel PR, PRO up to
     `fpr_limit`), one line per run, the metric value in each legend entry; None without
-    matplotlib. `runs`: {name: `category_curves(...)`}."""
+    matplotlib. `runs`: {name: {"image": Curves | None, "pixel": Curves | None}} (the curves of
+    `evaluator.category_metrics`)."""
     fig = _figure(figsize=(17, 4.6), dpi=100, layout="constrained")
     if fig is None:
         return None
@@ -270,13 +270,11 @@ def draw_curves(path, runs: Mapping[str, Mapping[str, metrics.Curves | None]], t
     return True
 
 
-def save_curves(path, labels, scores, masks, maps, title: str = "", *, name: str = "",
-                compare: Mapping[str, Mapping[str, metrics.Curves | None]] | None = None,
-                fpr_limit: float = 0.3) -> dict[str, metrics.Curves | None]:
-    """The curves of one category (image ROC, pixel ROC, PR, PRO) drawn into `path`; `compare`
-    adds other runs' curves (e.g. `{"untrained": ...}`) to the same panels, `name` labels this
-    run. Returns this run's curves, for a later comparison."""
-    curves = category_curves(labels, scores, masks, maps)
+def save_curves(path, curves: Mapping[str, metrics.Curves | None], title: str = "", *,
+                name: str = "", compare: Mapping[str, Mapping[str, metrics.Curves | None]] | None = None,
+                fpr_limit: float = 0.3) -> None:
+    """One category's curves (`{"image": ..., "pixel": ...}`, the ones its metrics were read
+    from: image ROC, pixel ROC, PR, PRO) drawn into `path`; `compare` adds other runs' curves
+    (e.g. `{"untrained": ...}`) to the same panels, `name` labels this run."""
     runs = {name or ("this run" if compare else ""): curves, **(compare or {})}
     draw_curves(path, runs, title, fpr_limit=fpr_limit)
-    return curves

@@ -52,6 +52,8 @@ STEP_CODE = r"""
 import functools, json, sys, time
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
+from addinov3_jax.runtime import distributed
+from addinov3_jax.runtime import steps
 from addinov3_jax import config as config_lib
 from addinov3_jax.models import sharding
 from addinov3_jax.runtime import setup
@@ -60,16 +62,16 @@ variant, size, batch, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), in
 cfg = config_lib.base_config()
 cfg.model.backbone, cfg.model.text_tower = variant, "tiny"
 cfg.model.feature_layers = (2, 5, 8, 11) if variant != "tiny" else (0, 1, 2, 3)
-mesh = sharding.make_mesh(-1, 1, 1)
+mesh = distributed.make_mesh(-1, 1, 1)
 rules = sharding.DEFAULT_RULES
 bb = setup.backbone(cfg.model, mesh, rules, 0)
 graphdef, state = nnx.split(bb)
-head = train.head_config(cfg)
-features = jax.jit(functools.partial(train.feature_step, graphdef=graphdef, head_cfg=head))
-tx, _ = train.make_optimizer(cfg, 100)
-ts, sh = train.init_train_state(setup.adapters_fn(bb.config.embed_dim, 32, 4, 0), tx, mesh, rules)
+head = steps.head_config(cfg)
+features = jax.jit(functools.partial(steps.feature_step, graphdef=graphdef, head_cfg=head))
+tx, _ = steps.make_optimizer(cfg, 100)
+ts, sh = steps.init_train_state(setup.adapters_fn(bb.config.embed_dim, 32, 4, 0), tx, mesh, rules)
 grid = (size // 16,) * 2
-step = jax.jit(functools.partial(train.train_step, tx=tx, head_cfg=head, grid=grid, size=(size, size)),
+step = jax.jit(functools.partial(steps.train_step, tx=tx, head_cfg=head, grid=grid, size=(size, size)),
                donate_argnums=(0,), out_shardings=(sh, None))
 images = jax.device_put(np.random.default_rng(0).standard_normal((batch, size, size, 3), np.float32),
                         sharding.batch_sharding(mesh, rules, 4))

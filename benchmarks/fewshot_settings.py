@@ -36,7 +36,8 @@ def main():
     model = model_dir.load(args.model)
     cfg = config_lib.demo_config()
     opts = evaluate.EvalOptions(image_size=cfg.data.image_size, batch_size=cfg.eval.batch_size,
-                                class_name_source=config_lib.object_word_source(cfg),
+                                class_name_source=cfg.model.class_name_source,
+                                fixed_word=cfg.model.class_name,
                                 heatmaps_per_category=0, curves=False)
     seeds = tuple(int(s) for s in args.seeds.split(","))
     runs = [("zero-shot", None)]

@@ -1,10 +1,18 @@
-"""Shared test setup: fp32 'highest' matmul precision everywhere, CPU only."""
+"""Shared test setup: fp32 'highest' matmul precision everywhere, CPU only, JAX's persistent
+compilation cache (shared with the subprocess tests), and the fixtures several files use."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Eight simulated CPU devices for the sharded training tests (must precede the JAX import).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Compiled programs are cached on disk (git-ignored build dir): a step compiled by one test, by a
+# subprocess or by the previous run is loaded, not recompiled. Environment variables, so that the
+# subprocesses the tests start use the same cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(Path(__file__).resolve().parents[1] / "build" / "jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

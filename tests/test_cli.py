@@ -17,11 +17,20 @@ def addinov3(*args):
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("sub", [None, *SUBCOMMANDS])
-def test_help(sub):
-    res = addinov3(*([sub] if sub else []), "--help")
+def test_console_script_runs():
+    res = addinov3("--help")
     assert res.returncode == 0, res.stderr
     assert "usage: addinov3" in res.stdout
+
+
+@pytest.mark.parametrize("sub", [None, *SUBCOMMANDS])
+def test_help(sub, capsys):
+    from addinov3_jax.commands.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*([sub] if sub else []), "--help"])
+    assert exit_.value.code == 0
+    assert "usage: addinov3" in capsys.readouterr().out
 
 
 def test_package_never_imports_torch():

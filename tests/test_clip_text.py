@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from addinov3_jax.commands import parity
-from addinov3_jax.io import checkpoint_io, towers
+from addinov3_jax.io import checkpoint_io, text_cache, towers
 from addinov3_jax.io.checkpoint_io import CheckpointError
 from addinov3_jax.models import clip_text, prompts
 from addinov3_jax.models.tokenizer import tokenize
@@ -175,7 +175,7 @@ def test_prompt_cache(tmp_path, monkeypatch):
     ref.save_pretrained(tmp_path / "hf")
     conv.convert(tmp_path / "hf", tmp_path / "conv")
     model = towers.load_clip_text(tmp_path / "conv")
-    first = prompts.text_features(model, ["screw", "wood", "screw"], cache_dir=tmp_path / "cache")
+    first = text_cache.text_features(model, ["screw", "wood", "screw"], cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(first[0], first[2])
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
 
@@ -183,11 +183,11 @@ def test_prompt_cache(tmp_path, monkeypatch):
         raise AssertionError("the encoder ran although the features were cached")
 
     monkeypatch.setattr(prompts, "_encode_classes", boom)
-    again = prompts.text_features(model, ["wood", "screw"], cache_dir=tmp_path / "cache")
+    again = text_cache.text_features(model, ["wood", "screw"], cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(again, first[[1, 0]])
     other = towers.load_clip_text(tmp_path / "conv", activation="quick_gelu")  # a different key
     with pytest.raises(AssertionError, match="encoder ran"):
-        prompts.text_features(other, ["wood"], cache_dir=tmp_path / "cache")
+        text_cache.text_features(other, ["wood"], cache_dir=tmp_path / "cache")
 
 
 def test_parity_cli(capsys, tmp_path):

@@ -272,7 +272,7 @@ def test_vit7b_lowers_with_fsdp_mesh():
         import jax, jax.numpy as jnp
         from flax import nnx
         from addinov3_jax.models import dinov3, sharding
-        mesh = sharding.make_mesh(data=1, fsdp=8)
+        mesh = distributed.make_mesh(data=1, fsdp=8)
         model = nnx.eval_shape(lambda: dinov3.create("vit7b16", rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(model)
         rules = sharding.DEFAULT_RULES

@@ -67,7 +67,25 @@ def test_one_class_categories_and_original_resolution(tiny, tmp_path):
         assert "only anomalous images" in entry["notes"]["all_bad"][0]
         assert 0 <= row["pixel_auroc"] <= 1
     text = (tmp_path / "original" / "results.json").read_text()
-    assert "NaN" in text and "n/a" in (tmp_path / "original" / "results.md").read_text()
+    assert "NaN" not in text and "null" in text  # strict JSON (DESIGN §4)
+    assert "n/a" in (tmp_path / "original" / "results.md").read_text()
+
+
+def test_original_resolution_curves_agree_with_results(tiny, syn, tmp_path):
+    """The curves drawn at `resolution="original"` are the ones the results were read from (they
+    were once computed on the network-resolution maps and disagreed with results.json)."""
+    opts = evaluate.EvalOptions(image_size=32, batch_size=4, heatmaps_per_category=0,
+                                resolution="original")  # the images are 64 x 64
+    curves: dict = {}
+    r = evaluate.evaluate(tiny, [("synthetic", str(syn), ("pill",))], tmp_path, opts=opts,
+                          curves_out=curves)
+    row = r["datasets"]["synthetic"]["categories"]["pill"]
+    drawn = curves[("synthetic", "pill")]
+    pixel, image = drawn["pixel"].metrics(opts.fpr_limit), drawn["image"].metrics()
+    assert drawn["pixel"].num_pos + drawn["pixel"].num_neg == row["num_images"] * 64 * 64
+    assert (pixel["auroc"], pixel["ap"], pixel["f1_max"], pixel["aupro"]) == (
+        row["pixel_auroc"], row["pixel_ap"], row["pixel_f1_max"], row["pixel_aupro"])
+    assert (image["auroc"], image["ap"]) == (row["image_auroc"], row["image_ap"])
 
 
 def _mk(path: Path) -> Path:

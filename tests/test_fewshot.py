@@ -3,15 +3,17 @@ against a NumPy greedy k-center, reference sampling, fusion, and an end-to-end d
 
 import dataclasses
 
+import fewshot_reference as reference
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from addinov3_jax.data import pipeline, readers, synthetic
+from addinov3_jax.data import pipeline, readers, references, synthetic
 from addinov3_jax.data.records import DataError, Record
-from addinov3_jax.models import dinov3, fewshot, sharding
+from addinov3_jax.models import dinov3, fewshot
+from addinov3_jax.runtime import distributed, steps
 
 
 def unit(x):
@@ -60,7 +62,7 @@ def test_knn_all_similarities_negative(rng):
     for block in (5, 8, 36):
         got = fewshot.patch_scores(bank, jnp.asarray(patches), block_size=block)
         np.testing.assert_allclose(got, brute_force_scores(bank_lmd, patches), atol=1e-6, rtol=0)
-    mesh = sharding.make_mesh()  # 37 rows padded to 40 over 8 shards
+    mesh = distributed.make_mesh()  # 37 rows padded to 40 over 8 shards
     got = fewshot.patch_scores(fewshot.shard_bank(bank, mesh), jnp.asarray(patches), block_size=4,
                                mesh=mesh)
     np.testing.assert_allclose(got, brute_force_scores(bank_lmd, patches), atol=1e-6, rtol=0)
@@ -71,7 +73,7 @@ def test_sharded_bank_matches_unsharded(rng):
     bank_lmd = random_bank(rng, layers=2, m=45, d=8)  # 45 rows: padded to 48 over 8 shards
     patches = unit(rng.standard_normal((2, 3, 5, 8))).astype(np.float32)
     bank = fewshot.MemoryBank(jnp.asarray(bank_lmd), 45, shots=1, seed=0)
-    mesh = sharding.make_mesh()
+    mesh = distributed.make_mesh()
     sharded = fewshot.shard_bank(bank, mesh)
     assert sharded.features_lmd.shape[1] == 48
     assert len(sharded.features_lmd.sharding.device_set) == 8
@@ -144,21 +146,21 @@ def rec(split, cls="a", i=0, label=0, dataset="d"):
 
 def test_sample_references():
     train = [rec("train", i=i) for i in range(10)]
-    a = fewshot.sample_references(train, 4, seed=0)
-    assert a == fewshot.sample_references(list(reversed(train)), 4, seed=0)  # order-free
+    a = references.sample_references(train, 4, seed=0)
+    assert a == references.sample_references(list(reversed(train)), 4, seed=0)  # order-free
     assert len({r.image_path for r in a}) == 4
-    draws = {tuple(r.image_path for r in fewshot.sample_references(train, 4, s)) for s in range(5)}
+    draws = {tuple(r.image_path for r in references.sample_references(train, 4, s)) for s in range(5)}
     assert len(draws) > 1  # seeds differ
-    assert fewshot.sample_references(train, 0, seed=0) == []
+    assert references.sample_references(train, 0, seed=0) == []
     with pytest.raises(DataError, match="d/a: 11 reference image.*only 10"):
-        fewshot.sample_references(train, 11, seed=0)
+        references.sample_references(train, 11, seed=0)
     with pytest.raises(DataError, match="train split"):
-        fewshot.sample_references(train + [rec("test", i=99)], 2, seed=0)
+        references.sample_references(train + [rec("test", i=99)], 2, seed=0)
     with pytest.raises(DataError, match="one class"):
-        fewshot.sample_references(train + [rec("train", cls="b")], 2, seed=0)
+        references.sample_references(train + [rec("train", cls="b")], 2, seed=0)
     # Anomalous train records (not in MVTec, but in user folders) are never drawn.
     mixed = train[:3] + [rec("train", i=50 + i, label=1) for i in range(5)]
-    assert all(r.label == 0 for r in fewshot.sample_references(mixed, 3, seed=1))
+    assert all(r.label == 0 for r in references.sample_references(mixed, 3, seed=1))
 
 
 def test_fuse_without_bank_is_the_zero_shot_input(rng):
@@ -201,28 +203,27 @@ def weave(tmp_path_factory):
 def test_end_to_end_defects_score_higher(weave):
     train, _ = readers.read("synthetic", weave, split="train", validate=False)
     test, _ = readers.read("synthetic", weave, split="test", validate=False)
-    refs = fewshot.sample_references(train, 4, seed=0)
+    refs = references.sample_references(train, 4, seed=0)
     assert all("/train/good/" in r.image_path for r in refs)
     pre = pipeline.Preprocess(size=(128, 128))
     backbone = dinov3.create("tiny", rngs=nnx.Rngs(0))
     cfg = fewshot.FewShotConfig(augment="flip", smoothing_sigma=2.0)
     layers = (3, 1)
-    bank = fewshot.build_bank(backbone, fewshot.load_images([r.image_path for r in refs], pre),
-                              layers, cfg, seed=0)
+    ref_images = pipeline.load_images([r.image_path for r in refs], 128)
+    bank = reference.build_bank(backbone, ref_images, layers, cfg, seed=0)
     assert bank.rows == 4 * 3 * 64 and bank.features_lmd.shape == (2, 768, 64)
     examples = [pre(pipeline.record_to_example(r)) for r in test]  # 2 normal, 6 defective
     images = jnp.asarray(np.stack([e["image"] for e in examples]))
     masks = np.stack([e["mask"] for e in examples]) > 0
     labels = np.array([r.label for r in test])
-    maps, scores = fewshot.predict(bank, fewshot.features(backbone, images, layers), (8, 8),
-                                   (128, 128), cfg)
+    maps, scores = reference.predict(bank, reference.features(backbone, images, layers), (8, 8),
+                                     (128, 128), cfg)
     maps, scores = np.asarray(maps), np.asarray(scores)
     for m, mask in zip(maps[labels == 1], masks[labels == 1], strict=True):
         assert m[mask].mean() > 2 * m[~mask].mean()
     assert scores[labels == 0].max() < scores[labels == 1].min()
     # The bank's own images score ~0: every reference patch is in the bank.
-    own = fewshot.patch_scores(bank, fewshot.features(
-        backbone, fewshot.load_images([r.image_path for r in refs], pre), layers))
+    own = fewshot.patch_scores(bank, reference.features(backbone, ref_images, layers))
     np.testing.assert_allclose(own, 0, atol=1e-5)
 
 
@@ -230,14 +231,14 @@ def test_synthetic_train_split_and_refusal(weave):
     train, _ = readers.read("synthetic", weave, split="train", validate=False)
     assert len(train) == 4 and all(r.split == "train" and r.label == 0 for r in train)
     with pytest.raises(DataError, match="synthetic/weave: 5 reference"):
-        fewshot.sample_references(train, 5, seed=0)
+        references.sample_references(train, 5, seed=0)
 
 
 def test_reference_paths(weave, tmp_path):
-    paths = fewshot.reference_paths(weave / "weave" / "train" / "good")
+    paths = references.reference_paths(weave / "weave" / "train" / "good")
     assert [p.name for p in paths] == ["000.png", "001.png", "002.png", "003.png"]
     with pytest.raises(DataError, match="no reference images"):
-        fewshot.reference_paths(tmp_path)
+        references.reference_paths(tmp_path)
 
 
 def test_bank_is_a_pytree(rng):
@@ -260,10 +261,11 @@ def test_synthetic_train_images_leave_the_test_images_alone(tmp_path):
     assert len(list((b / "pill/train/good").iterdir())) == 3
 
 
-def test_features_are_final_normed_taps_in_the_given_order(rng):
+def test_taps_step_gives_final_normed_taps_in_the_given_order(rng):
     backbone = dinov3.create("tiny", rngs=nnx.Rngs(0))
     x = jnp.asarray(rng.standard_normal((2, 32, 32, 3)), jnp.float32)
-    got = fewshot.features(backbone, x, (3, 1))
+    graphdef, state = nnx.split(backbone)
+    got = steps.taps_step(state, x, graphdef=graphdef, layers=(3, 1))
     taps = backbone.get_intermediate_layers(x, n=(1, 3), norm=True)  # ascending: blocks 1, 3
     np.testing.assert_allclose(got[0], unit(np.asarray(taps[1])), atol=1e-5)
     np.testing.assert_allclose(got[1], unit(np.asarray(taps[0])), atol=1e-5)

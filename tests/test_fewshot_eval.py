@@ -5,7 +5,7 @@ Predictor step, the config fields, and `predict --reference`."""
 import json
 from pathlib import Path
 
-import jax
+import fewshot_reference as reference
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,8 +18,8 @@ from addinov3_jax.data.records import DataError
 from addinov3_jax.io import model_dir
 from addinov3_jax.models import fewshot
 from addinov3_jax.models import model as ad
+from addinov3_jax.runtime import distributed, inference
 from addinov3_jax.runtime import evaluator as evaluate
-from addinov3_jax.runtime import inference
 
 OPTS = evaluate.EvalOptions(image_size=64, batch_size=8, heatmaps_per_category=0, curves=False)
 
@@ -45,19 +45,6 @@ def test_shots_zero_is_the_zero_shot_path_bitwise(tiny, syn, tmp_path):
     assert "per_seed" not in zero["datasets"]["synthetic"]
 
 
-def _old_predict_step(backbone, adapters, images, text_be2, cfg):
-    """The zero-shot step as it was before the few-shot taps were added (a frozen copy)."""
-    taps = backbone.get_intermediate_layers(images, n=cfg.feature_layers, return_class_token=True)
-    order = np.argsort(np.argsort(cfg.feature_layers))
-    patches = jnp.stack([taps[i][0] for i in order]).astype(jnp.float32)
-    cls = jnp.stack([taps[i][1] for i in order]).astype(jnp.float32)
-    patches = jax.vmap(lambda x: ad.standardize(x, cfg.standardize_eps))(patches)
-    patches, cls = jax.lax.stop_gradient(patches), jax.lax.stop_gradient(cls)
-    grid = (images.shape[1] // 16, images.shape[2] // 16)
-    maps, g = ad.anomaly_map(adapters, patches, cls, text_be2, grid, images.shape[1:3], cfg)
-    return maps, ad.image_scores(maps, g, cfg.image_score)
-
-
 def test_one_backbone_pass_step(tiny, rng):
     images = rng.standard_normal((8, 64, 64, 3)).astype(np.float32)
     refs = rng.standard_normal((3, 64, 64, 3)).astype(np.float32)
@@ -65,27 +52,25 @@ def test_one_backbone_pass_step(tiny, rng):
     text = jnp.asarray(rng.standard_normal((8, tiny.text_dim, 2)), jnp.float32)
     adapters = ad.trainable_params(tiny)
     step = nnx.jit(ad.predict_step, static_argnames=("cfg", "with_taps"))
-    new_maps, new_scores = step(tiny.backbone, adapters, images, text, cfg=cfg)
-    old_maps, old_scores = nnx.jit(_old_predict_step, static_argnames="cfg")(
-        tiny.backbone, adapters, images, text, cfg=cfg)
-    np.testing.assert_array_equal(new_maps, old_maps)  # the zero-shot outputs, bitwise
-    np.testing.assert_array_equal(new_scores, old_scores)
-    *_, taps = step(tiny.backbone, adapters, images, text, cfg=cfg, with_taps=True)
-    np.testing.assert_allclose(taps, fewshot.features(tiny.backbone, images, cfg.feature_layers),
-                               atol=1e-6)
+    maps, scores = step(tiny.backbone, adapters, images, text, cfg=cfg)
+    with_taps = step(tiny.backbone, adapters, images, text, cfg=cfg, with_taps=True)
+    np.testing.assert_array_equal(with_taps[0], maps)  # the taps change nothing zero-shot
+    np.testing.assert_array_equal(with_taps[1], scores)
+    np.testing.assert_allclose(with_taps[2], reference.features(tiny.backbone, images,
+                                                                cfg.feature_layers), atol=1e-6)
 
     # The Predictor's fused step: few-shot only ("none") = fewshot.predict on standalone features.
     fs = fewshot.FewShotConfig(fusion="none", smoothing_sigma=2.0)
-    pred = inference.Predictor(tiny, inference.default_mesh(8), fewshot_config=fs)
+    pred = inference.Predictor(tiny, distributed.default_mesh(8), fewshot_config=fs)
     bank = pred.build_bank(refs, seed=0, batch_size=8)
-    ref_bank = fewshot.build_bank(tiny.backbone, refs, cfg.feature_layers, fs)
+    ref_bank = reference.build_bank(tiny.backbone, refs, cfg.feature_layers, fs)
     assert bank.rows == ref_bank.rows == 3 * 16 and bank.shots == 3
     np.testing.assert_allclose(bank.features_lmd, ref_bank.features_lmd, atol=1e-6)
     table = pred.text_table(["object"])
     ids = np.zeros(8, np.int32)
     maps, scores = pred(images, ids, table, bank=bank)
-    want = fewshot.predict(ref_bank, fewshot.features(tiny.backbone, images, cfg.feature_layers),
-                           (4, 4), (64, 64), fs)
+    want = reference.predict(ref_bank, reference.features(tiny.backbone, images,
+                                                          cfg.feature_layers), (4, 4), (64, 64), fs)
     np.testing.assert_allclose(maps, want[0], atol=1e-5)
     np.testing.assert_allclose(scores, want[1], atol=1e-5)
     # A bank's own images have (almost) nothing anomalous.
@@ -123,14 +108,13 @@ def test_eval_with_shots_writes_the_schema_and_train_references(tiny, syn, tmp_p
 
 def test_sharded_bank_equals_replicated_bank(tiny, syn, tmp_path):
     """`shard_bank=True` splits the bank's rows over the 8 devices: same metrics within 1e-6."""
-    from addinov3_jax.models import sharding
 
     runs = {}
     for shard in (False, True):
         fs = fewshot.FewShotConfig(shots=2, seeds=(0,), shard_bank=shard)
         runs[shard] = evaluate.evaluate(tiny, [("synthetic", str(syn), ("pill",))],
                                         tmp_path / str(shard), opts=OPTS, fewshot_config=fs,
-                                        mesh=sharding.make_mesh(8, 1, 1))
+                                        mesh=distributed.make_mesh(8, 1, 1))
     a, b = (runs[k]["datasets"]["synthetic"]["categories"]["pill"] for k in (False, True))
     for k in evaluate.METRIC_KEYS:
         assert b[k] == pytest.approx(a[k], abs=1e-6), k

@@ -10,6 +10,11 @@ import pytest
 from PIL import Image
 
 from addinov3_jax import metrics, plots
+from addinov3_jax.runtime import evaluator as evaluate
+
+
+def curves_of(labels, scores, masks, maps):
+    return evaluate.category_metrics(labels, scores, masks, maps, has_masks=True, fpr_limit=0.3)[2]
 
 
 def category(seed=0, shift=0.5):
@@ -25,11 +30,11 @@ def category(seed=0, shift=0.5):
 def test_curve_png_has_axes_and_legend_values(tmp_path):
     pytest.importorskip("matplotlib")
     labels, scores, masks, maps = category()
-    trained = plots.save_curves(tmp_path / "c.png", labels, scores, masks, maps, title="syn / pill",
-                                name="trained")
+    trained = curves_of(labels, scores, masks, maps)
+    plots.save_curves(tmp_path / "c.png", trained, title="syn / pill", name="trained")
     png = np.asarray(Image.open(tmp_path / "c.png").convert("RGB")).astype(int)
     assert png.shape[0] > 300 and png.shape[1] > 1000 and png.std() > 10  # not constant
-    untrained = plots.category_curves(*category(1, shift=0.0))
+    untrained = curves_of(*category(1, shift=0.0))
     fig = plots.curves_figure({"trained": trained, "untrained": untrained}, "syn / pill")
     axes = fig.get_axes()
     assert [a.get_title() for a in axes] == ["image ROC", "pixel ROC", "pixel precision-recall",
@@ -54,8 +59,9 @@ def test_without_matplotlib_numbers_still_come_and_one_warning(tmp_path, monkeyp
     labels, scores, masks, maps = category()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        curves = plots.save_curves(tmp_path / "a.png", labels, scores, masks, maps)
-        plots.save_curves(tmp_path / "b.png", labels, scores, masks, maps)
+        curves = curves_of(labels, scores, masks, maps)
+        plots.save_curves(tmp_path / "a.png", curves)
+        plots.save_curves(tmp_path / "b.png", curves)
     assert len([w for w in caught if "matplotlib is not installed" in str(w.message)]) == 1
     assert not list(tmp_path.iterdir())
     assert curves["pixel"].metrics() == metrics.pixel_metrics(masks, maps, backend="numpy")

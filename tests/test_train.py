@@ -19,6 +19,7 @@ from safetensors.numpy import load_file
 from addinov3_jax import config as config_lib
 from addinov3_jax.data import synthetic
 from addinov3_jax.models import dinov3, sharding
+from addinov3_jax.runtime import distributed, steps
 from addinov3_jax.runtime import trainer as train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,10 +51,6 @@ def final_params(workdir):
     return load_file(str(Path(workdir) / "model" / "adapters" / "params.safetensors"))
 
 
-def test_eight_devices():
-    assert jax.device_count() == 8
-
-
 def test_loss_decreases_and_one_compilation(data, tmp_path):
     cfg = tiny_config(data, epochs=12, lr=3e-3, warmup_fraction=0.25)
     summary = train.train(cfg, tmp_path)
@@ -69,7 +66,7 @@ def test_loss_decreases_and_one_compilation(data, tmp_path):
 
 
 def shardings_table():
-    mesh = sharding.make_mesh(data=2, fsdp=4)
+    mesh = distributed.make_mesh(data=2, fsdp=4)
     model = nnx.eval_shape(lambda: dinov3.create("tiny", rngs=nnx.Rngs(0)))
     state = nnx.state(model)
     specs = sharding.state_shardings(state, mesh, sharding.DEFAULT_RULES)
@@ -198,7 +195,7 @@ def _two_processes(data, workdir, *flags):
 
 
 def _assert_same_model(got, ref, what):
-    """Within 1e-6 (|w| ~ 0.1; the cross-process all-reduce adds the gradients in another order,
+    """Within 1e-6 (|w| ~ 0.3; the cross-process all-reduce adds the gradients in another order,
     which AdamW turns into ~1e-7 differences)."""
     for k, v in ref.items():
         scale = float(np.max(np.abs(v)))
@@ -250,21 +247,18 @@ def test_training_from_arrayrecord_equals_raw(data, tmp_path):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def _cli_params(data, workdir, *mesh_flags):
-    cmd = _train_cmd(data, workdir, epochs=2) + list(mesh_flags)
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
-    assert res.returncode == 0, res.stderr[-3000:]
+def _mesh_params(data, workdir, data_axis, fsdp=1, tensor=1):
+    cfg = tiny_config(data, epochs=2, checkpoint_every=2)
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = data_axis, fsdp, tensor
+    train.train(cfg, workdir)
     return final_params(workdir)
 
 
 def test_fsdp_and_tensor_parallel_equal_data_parallel(data, tmp_path):
     """Same data, same steps: sharding the weights (fsdp, tensor) changes no result beyond 1e-6."""
-    ref = _cli_params(data, tmp_path / "data8", "--config.mesh.data=8")
-    for name, flags in (("fsdp4_tensor2", ("--config.mesh.data=1", "--config.mesh.fsdp=4",
-                                           "--config.mesh.tensor=2")),
-                        ("fsdp8", ("--config.mesh.data=1", "--config.mesh.fsdp=8"))):
-        got = _cli_params(data, tmp_path / name, *flags)
+    ref = _mesh_params(data, tmp_path / "data8", 8)
+    for name, mesh in (("fsdp4_tensor2", (1, 4, 2)), ("fsdp8", (1, 8))):
+        got = _mesh_params(data, tmp_path / name, *mesh)
         for k, v in ref.items():
             np.testing.assert_allclose(got[k], v, atol=1e-6, rtol=0, err_msg=f"{name}: {k}")
 
@@ -277,12 +271,12 @@ def test_sharded_state_has_no_full_copies(data, tmp_path):
     from addinov3_jax.runtime import setup
 
     cfg = tiny_config(data)
-    mesh = sharding.make_mesh(1, 8, 1)
+    mesh = distributed.make_mesh(1, 8, 1)
     rules = sharding.DEFAULT_RULES
     gc.collect()
     before = {id(a) for a in jax.live_arrays()}
     backbone = setup.backbone(cfg.model, mesh, rules, 0)
-    state, _ = train.init_train_state(setup.adapters_fn(64, 32, 4, 0), optax_adamw(), mesh, rules)
+    state, _ = steps.init_train_state(setup.adapters_fn(64, 32, 4, 0), optax_adamw(), mesh, rules)
     gc.collect()
     new = [a for a in jax.live_arrays() if id(a) not in before]
     sharded = {}

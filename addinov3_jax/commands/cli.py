@@ -5,6 +5,39 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
+
+PATCH_SIZE = 16  # every DINOv3 variant's
+# `configs/` of the source tree: `--config configs/demo.py` also works outside the repository root.
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_empty(text: str) -> str:
+    """argparse type: a word that is not blank."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a word, got an empty string")
+    return text.strip()
+
+
+def patch_multiple(text: str) -> int:
+    """argparse type: an image size, a positive multiple of the patch size (16)."""
+    value = positive_int(text)
+    if value % PATCH_SIZE:
+        lower = max(PATCH_SIZE, value // PATCH_SIZE * PATCH_SIZE)
+        raise argparse.ArgumentTypeError(f"expected a positive multiple of the patch size "
+                                         f"{PATCH_SIZE} (e.g. {lower} or {lower + PATCH_SIZE}), got {value}")
+    return value
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -72,9 +105,13 @@ def load_config(path: str, overrides: list[str]):
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         raise SystemExit(f"addinov3: unrecognized arguments: {' '.join(bad)}")
-    file = path.split(":", 1)[0]
-    if not file or not os.path.isfile(file):
-        raise config_lib.ConfigError(f"{file}: no such config file")
+    file, colon, arg = path.partition(":")
+    if file and not os.path.isfile(file) and os.path.isfile(SHIPPED_CONFIGS.parent / file):
+        path = str(SHIPPED_CONFIGS.parent / file) + colon + arg  # `configs/x.py` from anywhere
+    elif not file or not os.path.isfile(file):
+        raise config_lib.ConfigError(f"{file}: no such config file (the shipped ones are "
+                                     f"{', '.join(sorted(p.name for p in SHIPPED_CONFIGS.glob('*.py')))} "
+                                     f"in {SHIPPED_CONFIGS})")
     fv = flags.FlagValues()
     argv = ["addinov3", f"--config={path}", *overrides]
     # sys_argv: the overrides are these, not the process's (library calls, tests).
@@ -82,19 +119,31 @@ def load_config(path: str, overrides: list[str]):
                                     sys_argv=argv)
     try:
         fv(argv)
-    except config_lib.ConfigError:
-        raise
     except Exception as e:  # absl wraps errors of the file and of the overrides
         cause = e.__cause__ or e.__context__
-        if isinstance(cause, config_lib.ConfigError):
-            raise cause from None
+        err = cause if isinstance(cause, config_lib.ConfigError) else e
+        if isinstance(err, config_lib.ConfigError):
+            if "Traceback" in str(err):  # ml_collections quotes the config file's error
+                raise config_lib.ConfigError(_flag_message(err)) from None
+            raise err from None
         raise config_lib.ConfigError(f"{path}: {_flag_message(e)}") from None
     return config_lib.validate(fv.config)
 
 
 def _flag_message(e: Exception) -> str:
-    """absl's error for a config override, on one line."""
-    msg = " ".join(str(e).split())
+    """absl's error for a config file or override, on one line: a misspelt field's own message
+    (not the KeyError's repr), the config file's error (not ml_collections' quoted traceback)."""
+    cause, msg = e, str(e)
+    while cause is not None:
+        if isinstance(cause, KeyError) and cause.args:
+            msg = str(cause.args[0])
+            break
+        cause = cause.__cause__ or cause.__context__
+    if "Traceback (most recent call last)" in msg:
+        last = msg.strip().splitlines()[-1]
+        kind, _, text = last.partition(": ")
+        msg = text if text and kind.rsplit(".", 1)[-1].endswith(("Error", "Exception")) else last
+    msg = " ".join(msg.split())
     return msg.replace("flag --config=", "").replace("Illegal value ", "bad value ")
 
 
@@ -212,14 +261,22 @@ def _predict(args: argparse.Namespace) -> int:
         from addinov3_jax.models import fewshot
 
         fs = fewshot.FewShotConfig(fusion=args.fusion or "add", augment=args.augment or "none")
-    model = predict.load_model(args.checkpoint)
+    from addinov3_jax.runtime import distributed
+
+    if args.fsdp > 1 or args.tensor > 1:  # parameters split over fsdp x tensor devices
+        mesh = distributed.make_mesh(-1, args.fsdp, args.tensor)
+    else:  # data parallel: every device a replica (the most devices that split the batch)
+        mesh = distributed.default_mesh(args.batch_size)
+    model = predict.load_model(args.checkpoint, mesh)  # straight onto the mesh, sharded
     result = predict.predict(model, args.images, args.class_name, args.output,
                              image_size=args.image_size, batch_size=args.batch_size,
                              save_maps=args.save_maps, scale=args.scale,
                              text_cache_dir=predict.text_cache_dir(args.checkpoint, args.output),
-                             reference=args.reference, fewshot_config=fs)
+                             mesh=mesh, reference=args.reference, fewshot_config=fs)
     for item in result.skipped:
         print(f"skipped {item['image']}: {item['error']}", file=sys.stderr)
+    for item in result.not_drawn:
+        print(f"no heatmap for {item['image']} (its scores are kept): {item['error']}", file=sys.stderr)
     lo, hi = result.scale
     if args.reference is not None:
         print(f"few-shot: fused with a memory bank of the normal images in {args.reference}")
@@ -230,6 +287,10 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from addinov3_jax.commands import predict as predict_lib
+    from addinov3_jax.data import readers
+    from addinov3_jax.models import clip_text, fewshot, layers
+
     parser = argparse.ArgumentParser(
         prog="addinov3",
         description="AD-DINOv3 zero-shot anomaly detection in JAX (frozen DINOv3 + CLIP text).",
@@ -257,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default=None, help="expected variant (default: auto-detect)")
     p.add_argument("--num-heads", type=int, default=None,
                    help="dinov3: heads of a custom model whose shapes match no variant")
-    p.add_argument("--activation", choices=["gelu", "quick_gelu"], default=None,
+    p.add_argument("--activation", choices=tuple(clip_text.ACTIVATIONS), default=None,
                    help="clip-text: MLP activation stored in the metadata (default: per source)")
     p.add_argument("--vocab", default=None,
                    help="clip-text: bpe_simple_vocab_16e6.txt.gz to store beside the weights")
@@ -274,12 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random", default=None, metavar="VARIANT",
                    help="compare randomly initialised models of this variant (no file needed)")
     p.add_argument("--image-size", default="224", help="dinov3: H or H,W (default 224)")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--activation", choices=["gelu", "quick_gelu"], default="quick_gelu",
+    p.add_argument("--batch", type=positive_int, default=2)
+    p.add_argument("--activation", choices=tuple(clip_text.ACTIVATIONS), default="quick_gelu",
                    help="clip-text with --random: activation of both towers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--atol", type=float, default=None, help="tolerance (default per model)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+    p.add_argument("--dtype", choices=layers.DTYPES, default="float32",
                    help="bfloat16: also run ours in bf16 and report its error against the "
                         "reference and against our fp32 (relative L2 per layer)")
     p.set_defaults(run=_parity)
@@ -292,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_train)
 
     p = sub.add_parser("plan", help="per-device memory of the compiled steps (no allocation)",
-                       description="Lowers and compiles the feature and train steps for the "
+                       description="Lowers and compiles the feature, train and predict steps for the "
                                    "config's mesh from abstract shapes only (no weights, no data) "
                                    "and prints per-device parameter, optimizer and temporary bytes.")
     p.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
@@ -314,19 +375,26 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Heatmap overlays (PNG), optional raw maps (NPY) and image "
                                    "scores (CSV / JSON) for images of any size.")
     p.add_argument("--checkpoint", required=True, help="a model dir or a training workdir")
-    p.add_argument("--class-name", required=True, help="the object word for the prompts")
+    p.add_argument("--class-name", required=True, type=non_empty,
+                   help="the object word for the prompts (the demo's model knows 'object')")
     p.add_argument("--output", required=True)
-    p.add_argument("--image-size", type=int, default=512, help="network input size (default 512)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--image-size", type=patch_multiple, default=512,
+                   help="network input size, a multiple of 16 (default 512)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--fsdp", type=positive_int, default=1, metavar="N",
+                   help="split the model's parameters over N devices (e.g. vit7b16 on 8 x 16 GB); "
+                        "the batch is split over all devices, so --batch-size must divide evenly")
+    p.add_argument("--tensor", type=positive_int, default=1, metavar="N",
+                   help="split heads / hidden units over N devices (tensor parallelism)")
     p.add_argument("--save-maps", action="store_true", help="also write maps/<name>.npy")
-    p.add_argument("--scale", choices=["run", "fixed"], default="run",
+    p.add_argument("--scale", choices=predict_lib.SCALES, default="run",
                    help="heatmap colours: run = min..max of this run's maps (default), fixed = 0..1")
     p.add_argument("--reference", default=None, metavar="DIR",
                    help="few-shot: a folder of normal images of the class; their patch memory "
                         "bank is fused with the zero-shot maps and scores")
-    p.add_argument("--fusion", choices=["add", "none"], default=None,
+    p.add_argument("--fusion", choices=fewshot.FUSIONS, default=None,
                    help="with --reference: add = zero-shot + few-shot/2 (default), none = few-shot only")
-    p.add_argument("--augment", choices=["none", "flip", "rot90", "dihedral"], default=None,
+    p.add_argument("--augment", choices=tuple(fewshot.AUGMENTS), default=None,
                    help="with --reference: views of each reference image in the bank (default none)")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.set_defaults(run=_predict)
@@ -340,25 +408,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name")
     q.add_argument("--root", required=True)
     q.add_argument("--split", default="test")
-    q.add_argument("--on-bad-sample", choices=["error", "skip"], default="error")
+    q.add_argument("--on-bad-sample", choices=readers.ON_BAD_SAMPLE, default="error")
     q.set_defaults(run=_data_inspect)
     q = dsub.add_parser("make-meta", help="write ROOT/meta.json (relative paths) for a dataset")
     q.add_argument("name")
     q.add_argument("--root", required=True)
     q.add_argument("--splits", default="test", help="comma-separated splits to index")
-    q.add_argument("--on-bad-sample", choices=["error", "skip"], default="error")
+    q.add_argument("--on-bad-sample", choices=readers.ON_BAD_SAMPLE, default="error")
     q.set_defaults(run=_data_make_meta)
     q = dsub.add_parser("build", help="build ArrayRecord files with the TFDS builder")
     q.add_argument("name")
     q.add_argument("--manual-dir", required=True, help="the raw dataset root")
     q.add_argument("--data-dir", required=True, help="TFDS data dir to write")
-    q.add_argument("--on-bad-sample", choices=["error", "skip"], default="error")
+    q.add_argument("--on-bad-sample", choices=readers.ON_BAD_SAMPLE, default="error")
     q.set_defaults(run=_data_build)
     q = dsub.add_parser("synthetic", help="generate the synthetic anomaly dataset (MVTec layout)")
     q.add_argument("--output", required=True)
-    q.add_argument("--size", type=int, default=128)
-    q.add_argument("--normal", type=int, default=10)
-    q.add_argument("--per-defect", type=int, default=8)
+    q.add_argument("--size", type=positive_int, default=128)
+    q.add_argument("--normal", type=positive_int, default=10)
+    q.add_argument("--per-defect", type=positive_int, default=8)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(run=_data_synthetic)
 
@@ -371,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dinov3", default=None, help="converted DINOv3 directory (optional)")
     p.add_argument("--clip-text", default=None, help="converted CLIP text directory (optional)")
     p.add_argument("--quick", action="store_true", help="2 epochs (smoke test)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="network input size (default 128; real weights deserve 512)")
+    p.add_argument("--image-size", type=patch_multiple, default=None,
+                   help="network input size, a multiple of 16 (default 128; real weights deserve 512)")
     p.set_defaults(run=_demo)
     return parser
 
@@ -385,8 +453,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input, not a bug: reported as one line (`--debug` for the traceback)."""
     from addinov3_jax.data.records import DataError
     from addinov3_jax.io.checkpoint_io import CheckpointError
+    from addinov3_jax.io.workdir import WorkdirBusy
     from addinov3_jax.models.tokenizer import TokenizerError
-    from addinov3_jax.runtime.trainer import WorkdirBusy
 
     return (CheckpointError, DataError, TokenizerError, UsageError, WorkdirBusy, ValueError, OSError)
 

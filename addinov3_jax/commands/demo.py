@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -35,9 +34,10 @@ def run(workdir: str = "demo_out", seed: int = 0, *, dinov3: str | None = None,
 
     from addinov3_jax import config as config_lib
     from addinov3_jax.data import synthetic
-    from addinov3_jax.io import model_dir
+    from addinov3_jax.io.workdir import strict_json
     from addinov3_jax.models import model as ad
     from addinov3_jax.runtime import evaluator as evaluate
+    from addinov3_jax.runtime import setup
     from addinov3_jax.runtime import trainer as train
 
     t0 = time.perf_counter()
@@ -65,21 +65,20 @@ def run(workdir: str = "demo_out", seed: int = 0, *, dinov3: str | None = None,
 
     print(f"demo: training on {', '.join(cfg.data.classes)} "
           f"({evaluate.device_summary()}, backbone {cfg.model.backbone}, text {cfg.model.text_tower})")
-    summary = train.train(cfg, workdir / "train")
-    from addinov3_jax.models import sharding
+    rt = setup.setup(cfg)  # validated once; training and the zero-shot evaluations run on it
+    summary = train.train(rt, workdir / "train")
 
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    trained = model_dir.load(workdir / "train" / "model", mesh=mesh, rules=cfg.mesh.rules)
+    trained = rt.load_model(workdir / "train" / "model")
     untrained = ad.ADDinoV3(trained.backbone, trained.text_tower, trained.config,
                             rngs=nnx.Rngs(seed + 2))  # the adapters training started from
 
     print(f"demo: evaluating zero-shot on the held-out {', '.join(cfg.eval.datasets.synthetic.classes)}")
     untrained_curves: dict = {}
-    r_un = evaluate.run_from_config(cfg, workdir / "untrained", model=untrained,
+    r_un = evaluate.run_from_config(rt, workdir / "untrained", model=untrained,
                                     curves_out=untrained_curves)
     shutil.copy(workdir / "untrained" / "results.json", workdir / "results_untrained.json")
     r_tr = evaluate.run_from_config(
-        cfg, workdir, model=trained, curves_name="trained",
+        rt, workdir, model=trained, curves_name="trained",
         curves_compare={k: {"untrained": v} for k, v in untrained_curves.items()})
     fewshot_results, t_fs = {}, time.perf_counter()
     for k in shots:
@@ -109,7 +108,7 @@ def run(workdir: str = "demo_out", seed: int = 0, *, dinov3: str | None = None,
                   "mean": {key: r["datasets"]["synthetic"]["mean"][key] for key, _ in SIDE_BY_SIDE},
                   "std": {key: r["datasets"]["synthetic"]["mean_std"][key] for key, _ in SIDE_BY_SIDE},
               } for k, r in fewshot_results.items()}}
-    (workdir / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (workdir / "demo_report.json").write_text(strict_json(report, indent=2) + "\n")
     print(f"demo: held-out mean pixel AUROC {_pct(mean_tr)} trained vs {_pct(mean_un)} untrained; "
           f"{summary['steps']} training steps; {report['seconds']} s in total")
     if fewshot_results:

@@ -1,4 +1,4 @@
-"""`addinov3 plan`: per-device memory of the compiled feature and train steps, from shapes only.
+"""`addinov3 plan`: per-device memory of the compiled feature, train and predict steps, from shapes only.
 
 Nothing is allocated and no weights or data are read: the towers, the `TrainState` and the
 batches are abstract (`nnx.eval_shape` / `jax.ShapeDtypeStruct` with their shardings); the two
@@ -9,7 +9,6 @@ directory's metadata is enough to describe a tower.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -17,10 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from addinov3_jax import config as config_lib
-from addinov3_jax.models import sharding
-from addinov3_jax.runtime import setup
-from addinov3_jax.runtime import trainer as train
+from addinov3_jax.models import fewshot, sharding
+from addinov3_jax.runtime import setup, steps
 
 
 def _bytes(abstract_state, shardings) -> tuple[int, int]:
@@ -47,10 +44,9 @@ def _memory(compiled) -> dict[str, int]:
 
 def plan(config) -> dict[str, Any]:
     """The memory plan of `config` (see the module docstring) as a JSON-ready dict."""
-    cfg = config_lib.validate(config)
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    rules = cfg.mesh.rules
-    m, b, size = cfg.model, cfg.train.batch_size, cfg.data.image_size
+    rt = setup.setup(config)
+    cfg, mesh, rules = rt.config, rt.mesh, rt.rules
+    m, b, size = cfg.model, cfg.train.batch_size, rt.image_size
     bb = setup.abstract_backbone(m)
     graphdef, bb_state = nnx.split(bb)
     bb_shardings = sharding.state_shardings(bb_state, mesh, rules)
@@ -58,24 +54,22 @@ def plan(config) -> dict[str, Any]:
     text_state = nnx.state(setup.abstract_text_tower(m))
     text_total, text_dev = _bytes(text_state, sharding.state_shardings(text_state, mesh, rules))
     text_dim = setup.text_dim(m)
-    head_cfg = train.head_config(cfg)
-    n_layers = len(head_cfg.feature_layers)
-    grid = (size // bb.config.patch_size,) * 2
-    tokens, dim = grid[0] * grid[1], bb.config.embed_dim
+    n_layers = len(rt.head_config.feature_layers)
+    tokens, dim = rt.grid[0] * rt.grid[1], rt.backbone_config.embed_dim
 
-    tx, _ = train.make_optimizer(cfg, 1000)
-    create = setup.adapters_fn(dim, text_dim, n_layers, cfg.seed)
-    abstract_state, state_shardings = train.abstract_train_state(create, tx, mesh, rules)
+    # The run's own steps (runtime/steps.py), lowered for abstract arguments.
+    tx, _ = steps.make_optimizer(cfg, 1000)
+    abstract_state, state_shardings = steps.abstract_train_state(rt.adapters_fn(text_dim), tx,
+                                                                 mesh, rules)
     st_total, st_dev = _bytes(abstract_state, state_shardings)
 
     images = jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32,
                                   sharding=sharding.batch_sharding(mesh, rules, 4))
     feat4 = sharding.batch_sharding(mesh, rules, 4, axis=1)
     feat3 = sharding.batch_sharding(mesh, rules, 3, axis=1)
-    features = jax.jit(functools.partial(train.feature_step, graphdef=graphdef, head_cfg=head_cfg),
-                       out_shardings=(feat4, feat3))
     with sharding.use(mesh, rules):
-        feature_c = features.lower(_with_shardings(bb_state, bb_shardings), images).compile()
+        feature_c = rt.feature_step(graphdef).lower(_with_shardings(bb_state, bb_shardings),
+                                                     images).compile()
     batch = {
         "patches": jax.ShapeDtypeStruct((n_layers, b, tokens, dim), jnp.float32, sharding=feat4),
         "cls": jax.ShapeDtypeStruct((n_layers, b, dim), jnp.float32, sharding=feat3),
@@ -87,14 +81,24 @@ def plan(config) -> dict[str, Any]:
     }
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     frozen = {"text": jax.ShapeDtypeStruct((12, text_dim, 2), jnp.float32, sharding=rep)}
-    step = jax.jit(functools.partial(train.train_step, tx=tx, head_cfg=head_cfg, grid=grid,
-                                     size=(size, size)),
-                   donate_argnums=(0,), out_shardings=(state_shardings, rep))
     with sharding.use(mesh, rules):
-        step_c = step.lower(_with_shardings(abstract_state, state_shardings), frozen, batch).compile()
+        step_c = rt.train_step(tx, state_shardings).lower(
+            _with_shardings(abstract_state, state_shardings), frozen, batch).compile()
+    # The predict step of eval / predict (`inference.Predictor`), at the eval batch size.
+    eb = cfg.eval.batch_size
+    predict_fn = steps.jit_predict_steps(graphdef, rt.head_config, fewshot.FewShotConfig(), mesh,
+                                         rules)[0]
+    with sharding.use(mesh, rules):
+        predict_c = predict_fn.lower(
+            _with_shardings(bb_state, bb_shardings),
+            _with_shardings(abstract_state.params, state_shardings.params),
+            jax.ShapeDtypeStruct((eb, size, size, 3), jnp.float32,
+                                 sharding=sharding.batch_sharding(mesh, rules, 4)),
+            jax.ShapeDtypeStruct((eb,), jnp.int32, sharding=sharding.batch_sharding(mesh, rules, 1)),
+            frozen["text"]).compile()
     feature_mem, step_mem = _memory(feature_c), _memory(step_c)
-    extra = {}
-    if m.backbone in setup.dinov3.VARIANTS:  # random init, materialized sharded (towers.py)
+    extra = {"predict_step": _memory(predict_c)}
+    if m.backbone in setup.dinov3.VARIANTS:  # random init, materialized sharded (runtime/setup.py)
         create = setup.backbone_init_fn(m, cfg.seed)
         init_c = jax.jit(lambda: nnx.state(create()), out_shardings=bb_shardings).lower().compile()
         extra["backbone_init"] = _memory(init_c)
@@ -134,7 +138,7 @@ def table(p: dict[str, Any]) -> str:
              f"{_gib(p['text_tower_param_bytes_per_device']):>14}",
              f"{'train state (adapters + AdamW)':34}{_gib(p['train_state_bytes_total']):>14}"
              f"{_gib(p['train_state_bytes_per_device']):>14}", ""]
-    for name in ("feature_step", "train_step", "backbone_init"):
+    for name in ("feature_step", "train_step", "predict_step", "backbone_init"):
         if name not in p:
             continue
         s = p[name]

@@ -1,12 +1,19 @@
 """`addinov3 predict`: anomaly maps and scores for your own images (any sizes), batched.
 
-Writes, under the output directory:
-* `scores.csv`: one row per image (appended after every batch, so a crash keeps what was done);
-* `scores.json` (at the end, also after a crash): class name, score mode, colour scale, the rows
-  and the files that could not be read (`skipped`, with the reason);
-* `heatmaps/<name>.png`: image | overlay side by side at the original size, a colour bar with
-  tick labels and the image score;
+Writes, under the output directory (locked while a run uses it; every file replaced atomically):
+* `scores.csv`: one row per image (written after every batch to `.scores.csv.<pid>.partial`,
+  renamed at the end, also after a crash or Ctrl-C);
+* `scores.json` (at the end, also after a crash): class name, score mode, colour scale, the rows,
+  the files that could not be read (`skipped`, with the reason) and the rows whose heatmap could
+  not be drawn (`not_drawn`; drawing never loses a score);
+* `heatmaps/<name>.png`: image | overlay side by side at the original size (longest side capped
+  at `DISPLAY_MAX_SIDE`), a colour bar with tick labels and the image score;
 * optionally `maps/<name>.npy`: the float32 map at the original size (written per batch).
+
+Names are the file stems, made unique across folders (`_unique_names`). A rerun into the same
+output clears what a killed run left and removes the heatmaps / maps of inputs it does not have.
+Large photos are decoded at reduced scale (`decode_image(max_side=...)`) and their full-size maps
+are never held in memory (`map_max`, `save_full_map` work a block of rows at a time).
 
 Unreadable inputs are skipped and reported (printed, and listed in `scores.json`); the run fails
 only when nothing could be read.
@@ -30,25 +37,35 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import shutil
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from addinov3_jax import plots
-from addinov3_jax.data.pipeline import Preprocess, preprocess_image
+from addinov3_jax.data import references
+from addinov3_jax.data.pipeline import load_images, preprocess_image
 from addinov3_jax.data.records import IMAGE_SUFFIXES, DataError, decode_image
+from addinov3_jax.data.records import image_size as image_size_of
 from addinov3_jax.io import model_dir
-from addinov3_jax.models import fewshot
+from addinov3_jax.io import workdir as workdir_io
+from addinov3_jax.models import fewshot, sharding
 from addinov3_jax.models import model as ad
-from addinov3_jax.runtime.inference import Predictor, default_mesh, gather
+from addinov3_jax.runtime import distributed
+from addinov3_jax.runtime.inference import Predictor, pad_rows
 
 SCALES = ("run", "fixed")
 CSV_FIELDS = ("image", "name", "score", "max_pixel", "width", "height")
-PENDING = ".pending_maps"  # network-resolution maps waiting for the run's colour scale
+PENDING = ".pending_maps"  # network-resolution maps waiting for the run's colour scale (per run)
+# Heatmaps of larger images are drawn with the longest side reduced to this (the scores, the
+# `max_pixel` column and `maps/*.npy` stay at the original size).
+DISPLAY_MAX_SIDE = 2048
 
 
 @dataclasses.dataclass
@@ -58,27 +75,62 @@ class Prediction:
     images: list[dict]
     skipped: list[dict]
     scale: tuple[float, float]
+    not_drawn: list[dict] = dataclasses.field(default_factory=list)  # rows kept, picture failed
 
 
-def expand(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[dict]]:
-    """Files as given, folders expanded to their images (sorted, recursively). A file given
-    explicitly that is not an image (by suffix) is skipped and reported; a missing path is an
-    error (nothing has been computed yet)."""
-    out, skipped = [], []
+def expand(inputs: Sequence[str | os.PathLike], exclude: str | os.PathLike | None = None
+           ) -> tuple[list[Path], list[dict]]:
+    """Files as given, folders expanded to their images (sorted, recursively, following
+    symbolic links to folders once). Hidden files and folders (".DS_Store", "._x.jpg") are
+    ignored; any other file that is not an image (by suffix) is skipped and reported, as is a
+    file given explicitly that is not one; the same file reached twice counts once. Files under
+    `exclude` (the output folder, when it lies inside an input folder: its heatmaps are not
+    inputs) are left out. A missing path is an error (nothing has been computed yet)."""
+    out, skipped, seen = [], [], set()
+    skip_below = os.path.realpath(exclude) + os.sep if exclude is not None else None
+
+    def add(path: Path) -> None:
+        key = os.path.realpath(path)
+        if key in seen:
+            return
+        seen.add(key)
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            out.append(path)
+        else:
+            skipped.append({"image": str(path), "error": f"not an image file (suffix "
+                            f"{path.suffix or 'none'!r}; expected one of {', '.join(IMAGE_SUFFIXES)})"})
+
     for item in map(Path, inputs):
         if item.is_dir():
-            out += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            for path in _walk(item):
+                if skip_below and os.path.realpath(path).startswith(skip_below):
+                    continue
+                if not path.exists():
+                    skipped.append({"image": str(path), "error": "broken symbolic link"})
+                else:
+                    add(path)
         elif item.is_file():
-            if item.suffix.lower() in IMAGE_SUFFIXES:
-                out.append(item)
-            else:
-                skipped.append({"image": str(item), "error": f"not an image file (suffix "
-                                f"{item.suffix or 'none'!r}; expected one of {', '.join(IMAGE_SUFFIXES)})"})
+            add(item)
         else:
             raise DataError(f"{item}: no such file or folder")
     if not out and not skipped:
         raise DataError(f"no images found in {', '.join(map(str, inputs))}")
     return out, skipped
+
+
+def _walk(folder: Path) -> list[Path]:
+    """The non-hidden files below `folder`, sorted; each real folder visited once (links
+    followed, loops cut)."""
+    files, visited = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:
+            dirs[:] = []
+            continue
+        visited.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [Path(root) / n for n in names if not n.startswith(".")]
+    return sorted(files)
 
 
 def resolve_model_dir(checkpoint: str | os.PathLike) -> Path:
@@ -91,9 +143,12 @@ def resolve_model_dir(checkpoint: str | os.PathLike) -> Path:
                             "workdir with model/ inside")
 
 
-def load_model(checkpoint: str | os.PathLike) -> ad.ADDinoV3:
-    """A model directory (`model.json`) or a training workdir containing `model/`."""
-    return model_dir.load(resolve_model_dir(checkpoint))
+def load_model(checkpoint: str | os.PathLike, mesh=None,
+               rules=sharding.DEFAULT_RULES) -> ad.ADDinoV3:
+    """A model directory (`model.json`) or a training workdir containing `model/`, loaded
+    straight into the rules' shardings on `mesh` (no device ever holds a whole copy of a
+    sharded tower)."""
+    return model_dir.load(resolve_model_dir(checkpoint), mesh=mesh, rules=rules)
 
 
 def text_cache_dir(checkpoint: str | os.PathLike, output: str | os.PathLike) -> Path:
@@ -109,13 +164,6 @@ def text_cache_dir(checkpoint: str | os.PathLike, output: str | os.PathLike) -> 
     return Path(output) / "text_cache"
 
 
-def resize_map(amap: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear (align_corners=True) resize of one map to (height, width), on the host."""
-    rh = ad.resize_matrix(amap.shape[0], height)
-    rw = ad.resize_matrix(amap.shape[1], width)
-    return (rh @ np.asarray(amap, np.float32) @ rw.T).astype(np.float32)
-
-
 def predict(model: ad.ADDinoV3, inputs, class_name: str, output: str | os.PathLike, *,
             image_size: int = 512, batch_size: int = 8, save_maps: bool = False,
             scale: str = "run", text_cache_dir: str | os.PathLike | None = None,
@@ -125,30 +173,58 @@ def predict(model: ad.ADDinoV3, inputs, class_name: str, output: str | os.PathLi
 
     Runs `inference.Predictor` on `mesh` (default: the devices that split `batch_size` evenly).
     `reference`: a folder of normal images of the class; their memory bank (settings:
-    `fewshot_config`, default `FewShotConfig()`) is fused with every prediction.
+    `fewshot_config`, default `FewShotConfig()`) is fused with every prediction. The output
+    folder is locked for the run (a second `predict` into it is refused).
 
     Raises `DataError` (after writing `scores.json`) when no input could be read.
     """
-    from tqdm.auto import tqdm
+    cfg = model.backbone.config
+    check_arguments(scale=scale, image_size=image_size, batch_size=batch_size,
+                    patch_size=cfg.patch_size, reference=reference)
+    out = Path(output)
+    paths, skipped = expand(inputs, exclude=out)
+    workdir_io.ensure_writable(out, "--output")
+    with workdir_io.WorkdirLock(out, command="predict"):
+        return _predict(model, paths, skipped, class_name, out, image_size=image_size,
+                        batch_size=batch_size, save_maps=save_maps, scale=scale,
+                        text_cache_dir=text_cache_dir, mesh=mesh, reference=reference,
+                        fewshot_config=fewshot_config)
 
+
+def check_arguments(*, scale: str, image_size: int, batch_size: int, patch_size: int = 16,
+                    reference=None) -> None:
+    """One line per bad argument, before anything is loaded or written."""
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-    paths, skipped = expand(inputs)
-    out = Path(output)
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {batch_size}")
+    if image_size < patch_size or image_size % patch_size:
+        raise ValueError(f"--image-size must be a positive multiple of the patch size {patch_size} "
+                         f"(e.g. {max(patch_size, image_size // patch_size * patch_size)}), got {image_size}")
+    if reference is not None and not Path(reference).is_dir():
+        raise DataError(f"{reference}: --reference takes a folder of normal images of the class"
+                        + (", not a file" if Path(reference).exists() else "; no such folder"))
+
+
+def _predict(model, paths, skipped, class_name, out: Path, *, image_size, batch_size, save_maps,
+             scale, text_cache_dir, mesh, reference, fewshot_config) -> Prediction:
+    from tqdm.auto import tqdm
+
+    cfg = model.backbone.config
+    previous = _clear_leftovers(out)
     (out / "heatmaps").mkdir(parents=True, exist_ok=True)
     if save_maps:
         (out / "maps").mkdir(parents=True, exist_ok=True)
-    pending = out / PENDING
+    pending = out / f"{PENDING}.{os.getpid()}"  # this run's own
     if scale == "run":
         pending.mkdir(exist_ok=True)
-    cfg = model.backbone.config
-    predictor = Predictor(model, mesh or default_mesh(batch_size), fewshot_config=fewshot_config)
+    predictor = Predictor(model, mesh or distributed.default_mesh(batch_size),
+                          fewshot_config=fewshot_config)
     bank, ref_info = None, None
     if reference is not None:
-        refs = fewshot.reference_paths(reference)
-        pre = Preprocess(size=(image_size, image_size), mean=tuple(cfg.pixel_mean),
-                         std=tuple(cfg.pixel_std))
-        bank = predictor.build_bank(fewshot.load_images(refs, pre), batch_size=batch_size)
+        refs = references.reference_paths(reference)
+        bank = predictor.build_bank(load_images(refs, image_size, cfg.pixel_mean, cfg.pixel_std),
+                                    batch_size=batch_size)
         fs = predictor.fewshot
         ref_info = {"folder": str(reference), "count": len(refs), "augment": fs.augment,
                     "fusion": fs.fusion, "fusion_weight": fs.fusion_weight,
@@ -158,78 +234,176 @@ def predict(model: ad.ADDinoV3, inputs, class_name: str, output: str | os.PathLi
     class_ids = np.zeros(batch_size, np.int32)
     names = _unique_names(paths)
     rows: list[dict] = []
+    not_drawn: list[dict] = []
     lo, hi = np.inf, -np.inf
     complete = False
+    partial = out / f".scores.csv.{os.getpid()}.partial"  # renamed to scores.csv at the end
+    decoded: list[tuple[list[Path], list, list]] = []  # host-side images of the batch in flight
+
+    def batches():
+        for start in range(0, len(paths), batch_size):
+            chunk, originals, sizes = [], [], []
+            for p in paths[start : start + batch_size]:
+                try:
+                    data = p.read_bytes()
+                    originals.append(decode_image(data, str(p), max_side=DISPLAY_MAX_SIDE))
+                    sizes.append(image_size_of(data, str(p)))
+                    chunk.append(p)
+                except (DataError, OSError) as e:
+                    skipped.append({"image": str(p), "error": _read_error(p, e)})
+            if not chunk:
+                continue
+            decoded.append((chunk, originals, sizes))
+            images = np.stack([preprocess_image(im, image_size, cfg.pixel_mean, cfg.pixel_std)
+                               for im in originals])
+            yield {"image": pad_rows(images, batch_size), "class_id": class_ids,  # one shape
+                   "valid": (np.arange(batch_size) < len(chunk)).astype(np.int32)}
+
     try:
-        with open(out / "scores.csv", "w", newline="") as f:
+        # surrogateescape: file names that are not valid UTF-8 are written back as their bytes
+        with open(partial, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             writer.writeheader()
-            for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch",
-                              disable=not paths):
-                chunk, originals = [], []
-                for p in paths[start : start + batch_size]:
-                    try:
-                        originals.append(decode_image(p.read_bytes(), str(p)))
-                        chunk.append(p)
-                    except (DataError, OSError) as e:
-                        skipped.append({"image": str(p), "error": str(e)})
-                if not chunk:
-                    continue
-                batch = np.stack([preprocess_image(im, image_size, cfg.pixel_mean, cfg.pixel_std)
-                                  for im in originals])
-                # Pad to a full batch so every call has the same shape (one compilation).
-                if len(chunk) < batch_size:
-                    batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(chunk), 0)])
-                maps, scores = predictor(batch, class_ids, table, bank=bank)
-                maps = gather(maps).astype(np.float32)[: len(chunk)]
-                scores = gather(scores)[: len(chunk)]
+            for result in tqdm(predictor.run(batches(), table, bank=bank), desc="predict",
+                               unit="batch", total=-(-len(paths) // batch_size), disable=not paths):
+                chunk, originals, sizes = decoded.pop(0)
+                maps, scores = result["maps"], result["scores"]
                 batch_rows = []
-                for p, im, m, s in zip(chunk, originals, maps, scores, strict=True):
-                    w, h = im.size
+                for p, (w, h), m, s in zip(chunk, sizes, maps, scores, strict=True):
                     name = names[p]
-                    full = resize_map(m, h, w)
                     if save_maps:
-                        np.save(out / "maps" / f"{name}.npy", full)
+                        with workdir_io.write_guard(out / "maps"):
+                            save_full_map(out / "maps" / f"{name}.npy", m, h, w)
                     row = {"image": str(p), "name": name, "score": float(s),
-                           "max_pixel": float(full.max()), "width": w, "height": h}
-                    if scale == "fixed":
-                        _draw(out, im, full, row, class_name, (0.0, 1.0))
-                    else:
-                        np.save(pending / f"{name}.npy", m)
+                           "max_pixel": map_max(m, h, w), "width": w, "height": h}
+                    if scale == "run":
+                        with workdir_io.write_guard(pending):
+                            np.save(pending / f"{name}.npy", m)
                     lo, hi = min(lo, float(m.min())), max(hi, float(m.max()))
                     batch_rows.append(row)
-                writer.writerows(batch_rows)
-                f.flush()
+                with workdir_io.write_guard(out / "scores.csv"):
+                    writer.writerows(batch_rows)
+                    f.flush()
                 rows += batch_rows
+                if scale == "fixed":  # after the rows are kept: drawing never loses a result
+                    for im, row, m in zip(originals, batch_rows, maps, strict=True):
+                        _draw_safely(out, row, m, class_name, (0.0, 1.0), not_drawn, image=im)
         complete = True
-    finally:  # also after a crash or Ctrl-C: draw and index every finished map
+    finally:  # also after a crash or Ctrl-C: index, then draw, every finished map
         used = (0.0, 1.0) if scale == "fixed" or not rows else (lo, hi)
+        if partial.exists():
+            os.replace(partial, out / "scores.csv")
+        index = functools.partial(_write_index, out, model, class_name, scale, used, ref_info,
+                                  rows, skipped, not_drawn)
+        index(complete)
         if scale == "run":
             for row in rows:
-                m = np.load(pending / f"{row['name']}.npy")
-                im = decode_image(Path(row["image"]).read_bytes(), row["image"])
-                _draw(out, im, resize_map(m, row["height"], row["width"]), row, class_name, used)
+                try:
+                    m = np.load(pending / f"{row['name']}.npy")
+                except (OSError, ValueError) as e:
+                    not_drawn.append({"image": row["image"], "error": f"map lost ({e})"})
+                    continue
+                _draw_safely(out, row, m, class_name, used, not_drawn)
             shutil.rmtree(pending, ignore_errors=True)
-        (out / "scores.json").write_text(json.dumps({
-            "class_name": class_name, "image_score": model.config.image_score,
-            "scale": {"mode": scale, "min": used[0], "max": used[1]}, "complete": complete,
-            "reference": ref_info, "images": rows, "skipped": skipped}, indent=2) + "\n")
+        if not_drawn:
+            index(complete)
+        if complete:
+            _remove_stale(out, previous, {r["name"] for r in rows})
     if not rows:
         first = skipped[0] if skipped else {"image": "-", "error": "no input"}
         raise DataError(f"none of the {len(skipped)} input(s) could be read (first: {first['image']}: "
                         f"{first['error']}); see {out / 'scores.json'}")
-    return Prediction(rows, skipped, used)
+    return Prediction(rows, skipped, used, not_drawn)
 
 
-def _draw(out: Path, image, full_map: np.ndarray, row: dict, class_name: str,
-          scale: tuple[float, float]) -> None:
-    plots.overlay(np.asarray(image), full_map, scale=scale, score=row["score"],
-                  caption=f"{row['name']} ({class_name})").save(out / "heatmaps" / f"{row['name']}.png")
+def _read_error(path: Path, e: Exception) -> str:
+    """Why an input could not be read, without repeating its path."""
+    text = str(e) if isinstance(e, DataError) else (getattr(e, "strerror", None) or str(e))
+    return text.removeprefix(f"{path}: ")
+
+
+def _write_index(out: Path, model, class_name, scale, used, ref_info, rows, skipped, not_drawn,
+                 complete: bool) -> None:
+    workdir_io.atomic_write_text(out / "scores.json", workdir_io.strict_json({
+        "class_name": class_name, "image_score": model.config.image_score,
+        "scale": {"mode": scale, "min": used[0], "max": used[1]}, "complete": complete,
+        "reference": ref_info, "images": rows, "skipped": skipped, "not_drawn": not_drawn},
+        indent=2) + "\n")
+
+
+def _clear_leftovers(out: Path) -> set[str]:
+    """Removes what a killed earlier run left in `out` (we hold its lock, so none is running);
+    returns the output names of the previous finished run (from its `scores.json`)."""
+    for leftover in [*out.glob(f"{PENDING}*"), *out.glob(".scores.csv.*.partial"),
+                     *out.glob("heatmaps/.*.tmp"), *out.glob("maps/.*.tmp"), *out.glob(".*.tmp")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    try:
+        old = json.loads((out / "scores.json").read_text())
+        return {r["name"] for r in old.get("images", []) if isinstance(r, dict) and "name" in r}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return set()
+
+
+def _remove_stale(out: Path, previous: set[str], current: set[str]) -> None:
+    """The heatmaps / maps of a previous run into the same output whose inputs this run did not
+    have: removed, so the folder matches `scores.json`."""
+    for name in previous - current:
+        (out / "heatmaps" / f"{name}.png").unlink(missing_ok=True)
+        (out / "maps" / f"{name}.npy").unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Maps at the original size, without full-size copies; heatmaps at a bounded display size
+
+
+def map_max(amap: np.ndarray, height: int, width: int) -> float:
+    """max of the map upsampled to (height, width), a block of rows at a time."""
+    return max(float(block.max()) for _, block in ad.resize_map_rows(amap, height, width))
+
+
+def save_full_map(path: Path, amap: np.ndarray, height: int, width: int) -> None:
+    """The map upsampled to (height, width) as float32 `.npy`, written block by block (memory
+    mapped), atomically."""
+    def write(tmp: Path) -> None:
+        full = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(height, width))
+        for start, block in ad.resize_map_rows(amap, height, width):
+            full[start : start + len(block)] = block
+        full.flush()
+        del full
+
+    workdir_io.atomic_write(path, write)
+
+
+def _draw_safely(out: Path, row: dict, amap: np.ndarray, class_name: str,
+                 scale: tuple[float, float], not_drawn: list[dict], image=None) -> None:
+    """The heatmap of `row` (its image decoded again unless given, at most `DISPLAY_MAX_SIDE`
+    on its longest side); a failure is noted in `not_drawn`, never raised: the scores are kept."""
+    try:
+        if image is None:
+            image = decode_image(Path(row["image"]).read_bytes(), row["image"],
+                                 max_side=DISPLAY_MAX_SIDE)
+        w, h = image.size
+        picture = plots.overlay(np.asarray(image), ad.resize_map(amap, h, w), scale=scale,
+                                score=row["score"], caption=f"{row['name']} ({class_name})")
+        workdir_io.atomic_write(out / "heatmaps" / f"{row['name']}.png",
+                                lambda tmp: picture.save(tmp, format="PNG"))
+    except Exception as e:  # noqa: BLE001 - any drawing failure: note it, keep the scores
+        not_drawn.append({"image": row["image"], "error": _one_line(e)})
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _unique_names(paths: list[Path]) -> dict[Path, str]:
-    """Output stems: the file's stem, with as many parent folders prefixed (and the extension
-    appended) as it takes to tell it from every other input."""
+    """Output stems, one per input and never the same for two (compared case-insensitively, as
+    macOS and Windows file systems do): the file's stem, with as many parent folders prefixed
+    (and the extension appended) as it takes to tell it from every other input; where the
+    joined names still meet (`x/a_b.png` and `a/b.png` both read `a_b`), a short hash of the
+    path is appended to each."""
     def name(p: Path, depth: int, ext: bool) -> str:
         parts = [*p.parent.parts[len(p.parent.parts) - depth:], p.stem + (f"_{p.suffix[1:]}" if ext else "")]
         return "_".join(x for x in parts if x not in ("/", ""))
@@ -239,10 +413,14 @@ def _unique_names(paths: list[Path]) -> dict[Path, str]:
         for depth in range(len(p.parent.parts) + 1):
             for ext in (False, True):
                 candidate = name(p, depth, ext)
-                if sum(name(q, depth, ext) == candidate for q in paths) == 1:
+                if sum(name(q, depth, ext).lower() == candidate.lower() for q in paths) == 1:
                     break
             else:
                 continue
             break
         out[p] = candidate
+    counts = Counter(n.lower() for n in out.values())
+    for p, n in out.items():
+        if counts[n.lower()] > 1:
+            out[p] = f"{n}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
     return out

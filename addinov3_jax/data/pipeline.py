@@ -102,12 +102,14 @@ class Preprocess:
     size: tuple[int, int] = (512, 512)
     mask_threshold: float = 0.5
     classes: tuple[str, ...] = ()
-    class_name_source: str = "readable"  # "path" (the official object word) or "fixed:WORD"
+    class_name_source: str = "readable"  # "path" (the official object word) or "fixed"
+    fixed_word: str = ""  # the word of "fixed"
     mean: tuple[float, ...] = tuple(IMAGENET_MEAN)
     std: tuple[float, ...] = tuple(IMAGENET_STD)
 
     def word(self, ex: dict) -> str:
-        return object_word(self.class_name_source, _text(ex["class_name"]), _text(ex["object_word_path"]))
+        return object_word(self.class_name_source, _text(ex["class_name"]),
+                           _text(ex["object_word_path"]), self.fixed_word)
 
     def __call__(self, ex: dict) -> dict:
         what = _text(ex["image_path"])
@@ -122,13 +124,14 @@ class Preprocess:
                 "class_id": np.int32(self.classes.index(word) if self.classes else -1)}
 
 
-def class_words(source, class_name_source: str = "readable") -> tuple[str, ...]:
+def class_words(source, class_name_source: str = "readable", fixed_word: str = "") -> tuple[str, ...]:
     """Sorted distinct object words of a source (reads metadata only for a RecordSource)."""
     if isinstance(source, RecordSource):
-        words = {r.object_word(class_name_source) for r in source.records}
+        words = {r.object_word(class_name_source, fixed_word) for r in source.records}
     else:
         words = {object_word(class_name_source, _text(source[i]["class_name"]),
-                             _text(source[i]["object_word_path"])) for i in range(len(source))}
+                             _text(source[i]["object_word_path"]), fixed_word)
+                 for i in range(len(source))}
     return tuple(sorted(words))
 
 
@@ -269,7 +272,7 @@ def train_dataset(source, preprocess, *, batch_size: int, seed: int, num_epochs:
 
     `batch_size` is the global batch. Epoch e is `epoch_order(len(source), seed, e)` cut into
     full batches; this process reads `rows` of each global batch (positions in it, e.g. the
-    rows its devices hold: `feature_cache.process_rows`; all of them by default), so processes
+    rows its devices hold: `runtime.distributed.process_rows`; all of them by default), so processes
     read disjoint parts and none reads the whole dataset. Batches carry `index` (the example's
     position in the source). `preprocess=None` yields `index` only (for the feature cache).
     """
@@ -322,6 +325,16 @@ def _prefetch(ds: grain.IterDataset, worker_count: int) -> grain.IterDataset:
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+
+
+def load_images(paths: Sequence[str | os.PathLike], size: int, mean=IMAGENET_MEAN,
+                std=IMAGENET_STD) -> np.ndarray:
+    """(k, size, size, 3) network inputs of image files (e.g. few-shot references), decoded and
+    preprocessed like every other image (`decode_image`, `preprocess_image`)."""
+    if not paths:
+        raise DataError("no images to load")
+    return np.stack([preprocess_image(decode_image(Path(p).read_bytes(), str(p)), size, mean, std)
+                     for p in paths])
 
 
 def eval_dataset(

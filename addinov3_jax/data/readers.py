@@ -18,6 +18,10 @@ from pathlib import Path
 from addinov3_jax.data import synthetic
 from addinov3_jax.data.records import DataError, Record, Report, check_sample, list_images
 
+# The choices of `data.on_bad_sample` and `data.source` (config.py and the CLI read them here).
+ON_BAD_SAMPLE = ("error", "skip")
+SOURCES = ("raw", "tfds")
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
@@ -241,7 +245,7 @@ def read(
       on_bad_sample: "error" raises `DataError` naming the file; "skip" drops it into the report.
       validate: open every image / mask header (and decode images) to catch broken files now.
     """
-    if on_bad_sample not in ("error", "skip"):
+    if on_bad_sample not in ON_BAD_SAMPLE:
         raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
     root = Path(root).expanduser().resolve()
     if not root.is_dir():

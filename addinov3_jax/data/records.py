@@ -11,9 +11,10 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Every suffix here is one Pillow decodes (WebP needs Pillow's libwebp, part of every wheel).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # An 8-bit mask below 128 with at most this many distinct values is read as labels (non-zero = anomalous).
 MAX_LABEL_LEVELS = 16
 
@@ -33,30 +34,36 @@ class Record:
     label: int  # 0 normal, 1 anomalous
     defect: str = ""
 
-    def object_word(self, source: str = "readable") -> str:
+    def object_word(self, source: str = "readable", fixed_word: str = "") -> str:
         """The word put into the prompts (see `object_word`)."""
-        return object_word(source, self.class_name, Path(self.image_path).parts[-4])
+        return object_word(source, self.class_name, Path(self.image_path).parts[-4], fixed_word)
 
     @property
     def has_mask(self) -> bool:
         return self.mask_path is not None
 
 
-def object_word(source: str, class_name: str, path_word: str) -> str:
+# The choices of `model.class_name_source` (config.py reads them from here).
+CLASS_NAME_SOURCES = ("readable", "path", "fixed")
+
+
+def object_word(source: str, class_name: str, path_word: str, fixed_word: str = "") -> str:
     """The object word for the prompts, by `class_name_source`:
 
     "readable": the dataset's readable class name ("metal nut"); "path": the official code's
-    `image_path.split('/')[-4]` ("Data" for every VisA class, "01" for BTAD...); "fixed:WORD": the
-    same word for every class (what the official VisA training amounts to, and the right choice
-    when the text tower is random and names carry no meaning).
+    `image_path.split('/')[-4]` ("Data" for every VisA class, "01" for BTAD...); "fixed": the
+    same `fixed_word` for every class (what the official VisA training amounts to, and the right
+    choice when the text tower is random and names carry no meaning).
     """
     if source == "readable":
         return class_name
     if source == "path":
         return path_word
-    if source.startswith("fixed:") and len(source) > 6:
-        return source[6:]
-    raise ValueError(f"class_name_source must be 'readable', 'path' or 'fixed:WORD', got {source!r}")
+    if source == "fixed" and fixed_word:
+        return fixed_word
+    if source == "fixed":
+        raise ValueError("class_name_source 'fixed' needs the word (model.class_name)")
+    raise ValueError(f"class_name_source must be one of {CLASS_NAME_SOURCES}, got {source!r}")
 
 
 @dataclasses.dataclass
@@ -87,21 +94,64 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def _open(data: bytes, what: str) -> Image.Image:
+    img = _open_lazy(data, what)
+    _load(img, what)
+    return img
+
+
+def _load(img: Image.Image, what: str) -> None:
     try:
-        img = Image.open(io.BytesIO(data))
         img.load()
-        return img
     except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
         raise DataError(f"{what}: unreadable or truncated image ({type(e).__name__}: {e})") from e
 
 
-def decode_image(data: bytes, what: str = "image") -> Image.Image:
-    """RGB PIL image from file bytes. Grayscale is replicated, alpha dropped, 16-bit scaled."""
-    img = _open(data, what)
+def decode_image(data: bytes, what: str = "image", *, max_side: int | None = None) -> Image.Image:
+    """RGB PIL image from file bytes, upright: the EXIF orientation is applied (as every photo
+    viewer does), grayscale replicated, alpha dropped, 16-bit scaled, CMYK / palette converted.
+
+    `max_side`: an image whose longest side is larger comes back reduced to fit (aspect kept),
+    decoded at reduced scale where the format allows (JPEG DCT scaling), so a 48-megapixel photo
+    never exists as full-size pixels; images that fit are returned exactly as without it."""
+    img = _open_lazy(data, what)
+    if max_side is not None and max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        # JPEG: decode at 1/2, 1/4 or 1/8 scale, never below the size asked for.
+        img.draft("RGB", (max(1, int(img.size[0] * scale)), max(1, int(img.size[1] * scale))))
+    _load(img, what)
+    img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         img = Image.fromarray(np.clip(arr / 257.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    return img.convert("RGB")
+    img = img.convert("RGB")
+    if max_side is not None and max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        img = img.resize((max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))),
+                         Image.BILINEAR, reducing_gap=2.0)
+    return img
+
+
+def _open_lazy(data: bytes, what: str) -> Image.Image:
+    """The image's header (pixels not decoded yet); errors as `DataError`."""
+    if not data:
+        raise DataError(f"{what}: empty file (0 bytes)")
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        raise DataError(f"{what}: unreadable or truncated image (not a format Pillow recognises)") from None
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{what}: unreadable image ({type(e).__name__}: {e})") from e
+
+
+def image_size(data: bytes, what: str = "image") -> tuple[int, int]:
+    """(width, height) of the upright image (EXIF orientation applied), from the header only."""
+    img = _open_lazy(data, what)
+    w, h = img.size
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: as stored
+        orientation = 1
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def decode_mask(data: bytes, what: str = "mask") -> Image.Image:
@@ -147,7 +197,8 @@ def check_sample(record: Record) -> str | None:
     """Why the record's files cannot be used (None when they can). Decodes the image fully (to
     catch truncated pixel data) and verifies the mask's header and size."""
     try:
-        size = _verified_size(record.image_path)
+        _verified_size(record.image_path)
+        size = image_size(Path(record.image_path).read_bytes())  # upright, as decode_image gives
     except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
         return f"unreadable or truncated image ({type(e).__name__}: {e})"
     if record.mask_path is not None:

@@ -26,21 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import zlib
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from addinov3_jax.data import pipeline
-from addinov3_jax.data.records import DataError, Record, list_images
-from addinov3_jax.models import dinov3
-from addinov3_jax.models.model import extract_taps, gaussian_blur, l2_normalize, upsample_bilinear
+from addinov3_jax.models.model import gaussian_blur, upsample_bilinear
 
 # Views per reference image, before the extra small rotations (`rotation_angles`).
 AUGMENTS = {"none": 1, "flip": 3, "rot90": 4, "dihedral": 8}
@@ -143,10 +136,6 @@ class MemoryBank:
 # Features and views
 
 
-@nnx.jit(static_argnames="feature_layers")
-def features(backbone: dinov3.DinoV3, images_bhwc: jax.Array, feature_layers: tuple[int, ...]):
-    """L2-normalized final-normed patch tokens (L, B, N, D) of `feature_layers` (in that order)."""
-    return l2_normalize(extract_taps(backbone, images_bhwc, feature_layers)[0])
 
 
 def _rotate(images_bhwc: jax.Array, degrees: float) -> jax.Array:
@@ -236,20 +225,6 @@ def bank_from_features(views_lbnd: Sequence[jax.Array], config: FewShotConfig = 
                       config.augment, config.rotation_angles, config.coreset_ratio)
 
 
-def build_bank(backbone: dinov3.DinoV3, images_bhwc, feature_layers: Sequence[int],
-               config: FewShotConfig = FewShotConfig(), *, seed: int = 0,
-               batch_size: int = 8) -> MemoryBank:
-    """The bank of k preprocessed reference images (k, H, W, 3), over all views of `config`."""
-    images = jnp.asarray(images_bhwc, jnp.float32)
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"reference images must be (k>0, H, W, 3), got {images.shape}")
-    layers = tuple(int(i) for i in feature_layers)
-    views = []
-    for view in augment_views(images, config.augment, config.rotation_angles):
-        parts = [features(backbone, view[i : i + batch_size], layers)
-                 for i in range(0, view.shape[0], batch_size)]
-        views.append(jnp.concatenate(parts, axis=1))
-    return bank_from_features(views, config, shots=images.shape[0], seed=seed)
 
 
 def shard_bank(bank: MemoryBank, mesh: Mesh, axes: str | tuple[str, ...] | None = None) -> MemoryBank:
@@ -362,13 +337,6 @@ def image_scores(scores_bn: jax.Array, mode: str = "mean_top", top_fraction: flo
     return jax.lax.top_k(scores_bn, k)[0].mean(axis=-1)
 
 
-def predict(bank: MemoryBank, normed_patches_lbnd: jax.Array, grid: tuple[int, int],
-            out_size: tuple[int, int], config: FewShotConfig = FewShotConfig(), *,
-            mesh: Mesh | None = None, axes: tuple[str, ...] | None = None):
-    """Few-shot maps (B, H, W) and image scores (B,), on the scale of 1 - cosine ([0, 2])."""
-    _check(bank, normed_patches_lbnd)
-    return _predict(bank.features_lmd, normed_patches_lbnd, tuple(grid), tuple(out_size), config,
-                    mesh, axes)
 
 
 def predict_features(bank_lmd: jax.Array, normed_patches_lbnd: jax.Array, grid: tuple[int, int],
@@ -404,56 +372,3 @@ def fuse(zero_maps, zero_scores, fs_maps=None, fs_scores=None, mode: str = "add"
     if mode == "none":
         return fs_maps, fs_scores
     return zero_maps + weight * (fs_maps / 2), zero_scores + weight * (fs_scores / 2)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reference images
-
-
-def sample_references(records: Sequence[Record], k: int, seed: int) -> list[Record]:
-    """k distinct reference records of one class, drawn with `seed` from its train-split normal
-    images (the candidates are sorted by path first, so the draw depends on nothing else).
-
-    Raises `DataError` for a test-split record, mixed classes, or fewer than k candidates.
-    """
-    records = list(records)
-    if k == 0:
-        return []
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
-    if not records:
-        raise DataError(f"no train/good records to draw {k} reference image(s) from")
-    bad = [r.image_path for r in records if r.split != "train"]
-    if bad:
-        raise DataError(f"reference images must come from the train split; got {len(bad)} record(s) "
-                        f"of another split, e.g. {bad[0]} (read them with split='train')")
-    classes = sorted({(r.dataset, r.class_folder) for r in records})
-    if len(classes) > 1:
-        raise DataError(f"sample_references takes one class's records, got {classes}")
-    (dataset, cls), = classes
-    pool = sorted((r for r in records if r.label == 0), key=lambda r: r.image_path)
-    if len(pool) < k:
-        raise DataError(f"{dataset}/{cls}: {k} reference image(s) requested but the train split "
-                        f"has only {len(pool)} normal image(s); lower shots")
-    rng = np.random.default_rng([int(seed), zlib.crc32(f"{dataset}/{cls}".encode())])
-    return [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]
-
-
-def reference_paths(directory: str | os.PathLike) -> list[Path]:
-    """The images of a folder of normal references (`predict --reference DIR`), sorted."""
-    paths = list_images(Path(directory))
-    if not paths:
-        raise DataError(f"{directory}: no reference images (expected .png/.jpg/... files of "
-                        "normal samples of the class)")
-    return paths
-
-
-def load_images(paths: Sequence[str | os.PathLike], preprocess: pipeline.Preprocess) -> np.ndarray:
-    """Decoded, resized, normalized images (k, H, W, 3) through the data pipeline's `Preprocess`
-    (pass the one used for the test images, so references and tests match; its class table is
-    not needed: the references carry no class)."""
-    preprocess = dataclasses.replace(preprocess, classes=(), class_name_source="readable")
-    source = pipeline.RecordSource([
-        Record("reference", "train", "reference", "reference", str(p), None, 0, "good")
-        for p in paths])
-    return np.stack([preprocess(source[i])["image"] for i in range(len(source))])

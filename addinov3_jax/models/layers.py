@@ -27,12 +27,26 @@ def param(
     axes: Sequence[str | None],
     dtype: jnp.dtype = jnp.float32,
 ) -> nnx.Param:
-    """A parameter with logical axis names; `len(axes) == len(shape)` is enforced."""
+    """A parameter with logical axis names; `len(axes) == len(shape)` is enforced. A stacked
+    parameter (leading `layers` axis) is drawn one layer at a time (`per_layer`)."""
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
+    if axes and axes[0] == "layers":
+        init = per_layer(init)
     return nnx.Param(
         init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False
     )
+
+
+def per_layer(init: Initializer) -> Initializer:
+    """`init` drawn for one slice of the leading axis at a time (a `lax.map` over per-layer
+    keys): a stacked tower's random initialisation then needs one block's temporaries, not the
+    whole stack's (vit7b16: `addinov3 plan` reports `backbone_init`)."""
+    def draw(key, shape, dtype=jnp.float32):
+        keys = jax.random.split(key, shape[0])
+        return jax.lax.map(lambda k: init(k, tuple(shape[1:]), dtype), keys)
+
+    return draw
 
 
 def cast_params(module: nnx.Module, dtype) -> None:
@@ -76,6 +90,8 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 
 
 ATTENTION_IMPLEMENTATIONS = (None, "auto", "xla", "cudnn", "splash")
+# The dtypes a tower computes in / stores its parameters in (config `model.compute_dtype`, ...).
+DTYPES = ("float32", "bfloat16")
 
 
 def check_attention_impl(implementation: str | None) -> str | None:

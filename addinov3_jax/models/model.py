@@ -80,6 +80,21 @@ def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
+def resize_map_rows(map_hw: np.ndarray, height: int, width: int, rows: int = 512):
+    """(start row, block) pieces of one map resized to (height, width) on the host, bilinear with
+    align_corners=True, `rows` output rows at a time (no full-size copy for huge images)."""
+    rh = resize_matrix(map_hw.shape[0], height).astype(np.float32)
+    cols = np.asarray(map_hw, np.float32) @ resize_matrix(map_hw.shape[1], width).astype(np.float32).T
+    for start in range(0, height, rows):
+        yield start, rh[start : start + rows] @ cols
+
+
+def resize_map(map_hw: np.ndarray, height: int, width: int) -> np.ndarray:
+    """One map resized to (height, width) on the host: the one map resize of eval at original
+    resolution and of predict (`resize_map_rows` in one piece)."""
+    return np.concatenate([b for _, b in resize_map_rows(map_hw, height, width, max(height, 1))])
+
+
 def upsample_bilinear(x_bhwc: jax.Array, size: tuple[int, int]) -> jax.Array:
     """Bilinear resize with align_corners=True, as `F.interpolate(..., align_corners=True)`."""
     rh = jnp.asarray(resize_matrix(x_bhwc.shape[1], size[0]))
@@ -251,14 +266,14 @@ class ADDinoV3(nnx.Module):
         return head(trainable_params(self), patches, cls, jax.lax.stop_gradient(text_be2), grid,
                     images_bhwc.shape[1:3], self.config)
 
-    def text_features(self, class_names: Sequence[str], cache_dir=None) -> np.ndarray:
+    def text_features(self, class_names: Sequence[str]) -> np.ndarray:
         """(C, E, 2) prototypes per class name, computed once by the frozen text tower."""
         if self.text_tower is None:
             raise ValueError("this model has no text tower; pass text features explicitly")
-        return prompts.text_features(self.text_tower, class_names, cache_dir=cache_dir)
+        return prompts.text_features(self.text_tower, class_names)
 
-    def predict(self, images_bhwc, class_names: Sequence[str] | str, *, text_be2=None,
-                cache_dir=None) -> tuple[jax.Array, jax.Array]:
+    def predict(self, images_bhwc, class_names: Sequence[str] | str, *,
+                text_be2=None) -> tuple[jax.Array, jax.Array]:
         """Pixel anomaly maps (B, H, W) and image scores (B,) for images of the given classes."""
         b = images_bhwc.shape[0]
         if text_be2 is None:
@@ -266,7 +281,7 @@ class ADDinoV3(nnx.Module):
             if len(names) != b:
                 raise ValueError(f"{len(names)} class names for {b} images")
             uniq = list(dict.fromkeys(names))
-            table = self.text_features(uniq, cache_dir)
+            table = self.text_features(uniq)
             text_be2 = table[[uniq.index(n) for n in names]]
         return _predict_jit(self.backbone, trainable_params(self), jnp.asarray(images_bhwc),
                             jnp.asarray(text_be2), self.config)

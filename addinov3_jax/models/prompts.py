@@ -4,16 +4,12 @@ For an object word: 7 normal states and 5 abnormal states, each filled into 35 t
 (state-major), encoded by the frozen text tower, L2-normalised, averaged per group and normalised
 again -> a (E, 2) matrix [normal, abnormal] (shared/reference/clip_text.md §5). The tower is
 frozen, so this depends only on the word: it is computed once per class (all classes in one jitted
-call) and cached on disk, never per image.
+call; `io.text_cache` keeps it on disk), never per image.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import socket
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -65,29 +61,14 @@ def _encode_classes(model, ids_cst: jax.Array, chunk: int) -> jax.Array:
     return jax.vmap(prototypes)(emb[: c * s].reshape(c, s, -1))
 
 
-def cache_key(model_id: str, activation: str, word: str, context: int, dtype: str = "float32") -> str:
-    """The cache file name of one word's prototypes: weights, activation, context and the
-    tower's compute dtype (bf16 prototypes are not reused by an fp32 run)."""
-    suffix = "" if dtype == "float32" else f"|{dtype}"
-    return hashlib.sha256(f"{model_id}|{activation}|{context}|{word}{suffix}".encode()).hexdigest()[:32]
-
-
-def text_features(
-    model,
-    class_names: Sequence[str],
-    *,
-    tokenizer=None,
-    cache_dir: str | os.PathLike | None = None,
-    full_context: bool = False,
-    chunk: int = 512,
-) -> np.ndarray:
-    """(C, E, 2) prototypes [normal, abnormal] for each object word in `class_names`.
+def text_features(model, class_names: Sequence[str], *, tokenizer=None, full_context: bool = False,
+                  chunk: int = 512) -> np.ndarray:
+    """(C, E, 2) prototypes [normal, abnormal] for each object word in `class_names` (all in one
+    jitted call; `io.text_cache.text_features` adds the on-disk cache).
 
     Args:
       model: a `clip_text.TextTower`.
       tokenizer: defaults to the one stored with the weights, else the default vocabulary.
-      cache_dir: if set (and the model has a `checkpoint_id`), features are stored there keyed by
-        (checkpoint identity, activation, word) and reused by later runs.
       full_context: run at the full 77-token context like the reference code. By default the
         context is cut to the longest sentence (identical up to fp32 rounding thanks to the causal
         mask, and several times faster).
@@ -96,35 +77,10 @@ def text_features(
 
     tokenizer = tokenizer or clip_text.load_tokenizer(model.tokenizer_dir)
     words = list(dict.fromkeys(class_names))
-    context = model.config.context_length
-    found: dict[str, np.ndarray] = {}
-    cache = Path(cache_dir) if cache_dir and model.checkpoint_id else None
-    dtype = str(jnp.dtype(getattr(model, "compute_dtype", "float32")))
-    keys = {w: cache_key(model.checkpoint_id or "", model.config.activation, w,
-                         context if full_context else 0, dtype) for w in words}
-    if cache is not None:
-        for w in words:
-            f = cache / f"{keys[w]}.npy"
-            if f.is_file():
-                found[w] = np.load(f)
-    todo = [w for w in words if w not in found]
-    if jax.process_count() > 1:  # the encoding is a collective: every process or none runs it
-        from jax.experimental import multihost_utils
-
-        if int(np.max(multihost_utils.process_allgather(np.int32(len(todo))))) > 0:
-            todo = words
-    if todo:
-        ids = np.stack([tokenizer(sentences(w), context) for w in todo])  # (C, 420, 77)
-        if not full_context:
-            length = int((ids != 0).sum(-1).max())
-            ids = ids[..., : min(context, -(-length // 8) * 8)]
-        feats = np.asarray(_encode_classes(model, jnp.asarray(ids), min(chunk, ids.size // ids.shape[-1])))
-        for w, f in zip(todo, feats, strict=True):
-            found[w] = f
-            if cache is not None:
-                cache.mkdir(parents=True, exist_ok=True)
-                # atomic, and unique per process and host: several may share the folder
-                tmp = cache / f".{keys[w]}.{socket.gethostname()}.{os.getpid()}.npy"
-                np.save(tmp, f)
-                os.replace(tmp, cache / f"{keys[w]}.npy")
-    return np.stack([found[w] for w in class_names])
+    ids = np.stack([tokenizer(sentences(w), model.config.context_length) for w in words])
+    if not full_context:  # (C, 420, 77) cut to the longest sentence, a multiple of 8
+        length = int((ids != 0).sum(-1).max())
+        ids = ids[..., : min(model.config.context_length, -(-length // 8) * 8)]
+    feats = np.asarray(_encode_classes(model, jnp.asarray(ids),
+                                       min(chunk, ids.size // ids.shape[-1])))
+    return feats[[words.index(w) for w in class_names]]

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
@@ -113,31 +113,6 @@ def _as_axes(v):
     if not all(isinstance(a, str) for a in v):
         raise ValueError(v)
     return v if len(v) != 1 else v[0]
-
-
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh with `AxisType.Auto` axes; `-1` takes the remaining devices.
-
-    With all three sizes given, the first `data * fsdp * tensor` devices are used (e.g. a
-    one-device mesh on an eight-device host); on several processes the mesh must use them all.
-    """
-    devices = list(devices if devices is not None else jax.devices())
-    sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh sizes must be positive (one of them may be -1), got "
-                         f"{dict(zip(MESH_AXES, sizes, strict=True))}")
-    known = int(np.prod([s for s in sizes if s != -1]))
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))}: {len(devices)} "
-                             f"devices are not divisible by {known}")
-        sizes = [len(devices) // known if s == -1 else s for s in sizes]
-    n = int(np.prod(sizes))
-    if n > len(devices) or (n < len(devices) and jax.process_count() > 1):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {n} devices; "
-                         f"{len(devices)} are available")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                         devices=devices[:n])
 
 
 def logical_spec(axes: Sequence[str | None], rules: Rules) -> PartitionSpec:

@@ -9,7 +9,7 @@ A metric that is undefined for a category (one class only, no masks) is NaN with
 left out of the mean.
 
 Few-shot (`fewshot_config.shots` = k > 0; shared/reference/fewshot.md): for each class and each
-seed, k references drawn (`fewshot.sample_references`) from the class's **train** split normal
+seed, k references drawn (`data.references.sample_references`) from the class's **train** split normal
 images (a dataset whose train split would share images with the test split is refused), one bank
 built from them, and every test batch fused with it (`Predictor(..., bank=)`). `results.json`
 then adds `"shots"` and `"seeds"` at the top level; per dataset, `categories` and `mean` are the
@@ -28,17 +28,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from addinov3_jax import config as config_lib
 from addinov3_jax import metrics, plots
 from addinov3_jax.data import pipeline, readers
+from addinov3_jax.data import references as references_lib
 from addinov3_jax.data.records import DataError, Record, decode_mask
 from addinov3_jax.io import model_dir
+from addinov3_jax.io import workdir as workdir_lib
 from addinov3_jax.models import fewshot, sharding
 from addinov3_jax.models import model as ad
-from addinov3_jax.runtime.inference import Predictor, default_mesh, gather, place_model
+from addinov3_jax.runtime import distributed
+from addinov3_jax.runtime.inference import Predictor, place_model
 
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
                "pixel_aupro")
@@ -50,6 +53,7 @@ class EvalOptions:
     batch_size: int = 8
     resolution: str = "network"  # or "original"
     class_name_source: str = "readable"
+    fixed_word: str = ""  # the word of class_name_source="fixed"
     heatmaps_per_category: int = 4
     curves: bool = True
     fpr_limit: float = 0.3
@@ -59,19 +63,18 @@ class EvalOptions:
 
 def preprocess_for(predictor: Predictor, words: Sequence[str], opts: EvalOptions,
                    spec) -> pipeline.Preprocess:
-    """The evaluation's preprocessing (size, the backbone's mean / std), for tests and references."""
-    bb = predictor.model.backbone.config
-    return pipeline.Preprocess(size=(opts.image_size,) * 2,
-                               mask_threshold=spec.mask_threshold if spec else 0.5,
-                               classes=tuple(words), class_name_source=opts.class_name_source,
-                               mean=tuple(bb.pixel_mean), std=tuple(bb.pixel_std))
+    """The evaluation's preprocessing (size, the backbone's mean / std, the dataset's mask
+    threshold)."""
+    return predictor.preprocess(opts.image_size, words, class_name_source=opts.class_name_source,
+                                fixed_word=opts.fixed_word,
+                                mask_threshold=spec.mask_threshold if spec else 0.5)
 
 
 def predict_records(predictor: Predictor, records: Sequence[Record], words: Sequence[str],
                     opts: EvalOptions, spec, desc: str = "eval",
                     bank: fewshot.MemoryBank | None = None):
     """Maps (N, S, S), scores (N,), masks (N, S, S) of `records` on the predictor's mesh (fused
-    with the few-shot `bank` when given).
+    with the few-shot `bank` when given), through the one inference loop (`Predictor.run`).
 
     Each process decodes its own contiguous block of the records; the results are gathered so
     that every process returns all N rows (process 0 computes the metrics)."""
@@ -83,24 +86,23 @@ def predict_records(predictor: Predictor, records: Sequence[Record], words: Sequ
     maps = np.zeros((n, opts.image_size, opts.image_size), np.float32)
     masks = np.zeros_like(maps, dtype=np.uint8)
     scores = np.zeros(n, np.float32)
-    local = predictor.local_rows(opts.batch_size)
-    ds = pipeline.eval_dataset(pipeline.RecordSource(records), pre, batch_size=local,
+    ds = pipeline.eval_dataset(pipeline.RecordSource(records), pre,
+                               batch_size=predictor.local_rows(opts.batch_size),
                                shard_index=jax.process_index(), shard_count=jax.process_count(),
                                worker_count=opts.worker_count)
+    batches = ({k: b[k] for k in ("image", "class_id", "valid", "index", "mask")} for b in ds)
     show = jax.process_index() == 0
-    for batch in tqdm(ds, desc=desc, leave=False, disable=not show):
-        m, s = predictor(batch["image"], batch["class_id"], table, bank=bank)
-        rows = {k: gather(predictor.to_global(batch[k])) for k in ("index", "valid", "mask")}
-        valid = rows["valid"].astype(bool)
-        idx = rows["index"][valid]
-        maps[idx] = gather(m)[valid]
-        scores[idx] = gather(s)[valid]
-        masks[idx] = rows["mask"][valid].astype(np.uint8)
+    for out in tqdm(predictor.run(batches, table, bank=bank), desc=desc, leave=False,
+                    disable=not show):
+        maps[out["index"]] = out["maps"]
+        scores[out["index"]] = out["scores"]
+        masks[out["index"]] = out["mask"].astype(np.uint8)
     return maps, scores, masks
 
 
 def _original_resolution(records, maps):
-    """Maps upsampled to each original mask size, and the untouched binary ground truth."""
+    """Maps upsampled to each original mask size (`model.resize_map`, the one map resize), and
+    the untouched binary ground truth."""
     out_maps, out_masks = [], []
     for r, m in zip(records, maps, strict=True):
         with Image.open(r.image_path) as im:
@@ -109,22 +111,26 @@ def _original_resolution(records, maps):
             gt = np.asarray(decode_mask(Path(r.mask_path).read_bytes(), r.mask_path)) > 0
         else:
             gt = np.zeros((h, w), bool)
-        up = ad.upsample_bilinear(jnp.asarray(m)[None, ..., None], gt.shape)[0, ..., 0]
-        out_maps.append(np.asarray(up))
+        out_maps.append(ad.resize_map(m, *gt.shape))
         out_masks.append(gt)
     return out_maps, out_masks
 
 
 def category_metrics(labels, scores, masks, maps, *, has_masks: bool, fpr_limit: float):
-    """METRICS dict and notes for one category."""
+    """(METRICS dict, notes, curves) of one category. The metrics are read off the same curves
+    that `plots.save_curves` draws (one sort of the pixels), so plots and `results.json` agree;
+    `masks` / `maps` are (N, H, W) arrays or lists of 2-D arrays of any sizes (original
+    resolution: pixels pooled)."""
     notes = []
     row: dict[str, float] = {}
+    curves: dict[str, metrics.Curves | None] = {"image": None, "pixel": None}
     labels = np.asarray(labels)
     if labels.min() == labels.max():
         notes.append(f"image metrics undefined: only {'anomalous' if labels[0] else 'normal'} images")
         row.update(image_auroc=math.nan, image_ap=math.nan, image_f1_max=math.nan)
     else:
-        c = metrics.classification_metrics(labels, scores)
+        curves["image"] = metrics.curves(labels, scores)
+        c = curves["image"].metrics()
         row.update(image_auroc=c["auroc"], image_ap=c["ap"], image_f1_max=c["f1_max"])
     if not has_masks:
         notes.append("pixel metrics undefined: anomalous images without masks")
@@ -135,13 +141,18 @@ def category_metrics(labels, scores, masks, maps, *, has_masks: bool, fpr_limit:
             flat = np.concatenate([m.reshape(-1) for m in maps])
         else:
             gt, flat = metrics.GroundTruth.from_masks(masks), maps
-        p = metrics.pixel_metrics(None, flat, ground_truth=gt, fpr_limit=fpr_limit)
-        if math.isnan(p["auroc"]):
-            notes.append("pixel AUROC undefined: no anomalous pixels")
+        curves["pixel"] = metrics.pixel_curves(None, flat, ground_truth=gt)
+        p = curves["pixel"].metrics(fpr_limit)
+        if not (curves["pixel"].num_pos and curves["pixel"].num_neg):  # one pixel class only:
+            # AUROC, AP, F1-max and AUPRO are all undefined
+            notes.append("pixel metrics undefined: no anomalous pixels (only normal images, or "
+                         "empty masks)" if not curves["pixel"].num_pos else
+                         "pixel metrics undefined: no normal pixels")
+            p = dict.fromkeys(("auroc", "ap", "f1_max", "aupro"), math.nan)
         row.update(pixel_auroc=p["auroc"], pixel_ap=p["ap"], pixel_f1_max=p["f1_max"],
                    pixel_aupro=p["aupro"])
     row["num_images"] = int(len(labels))
-    return row, notes
+    return row, notes, curves
 
 
 def _per_key(rows: Sequence[dict], reduce) -> dict[str, float]:
@@ -166,7 +177,8 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
              curves_out: dict | None = None, curves_compare: dict | None = None,
              curves_name: str = "", fewshot_config: fewshot.FewShotConfig | None = None) -> dict:
     """Evaluates `model` on each `(dataset name, root)` or `(name, root, classes)`, on `mesh`
-    (default: `inference.default_mesh(batch_size)`); process 0 writes `{results_name}.json`, `.md`,
+    (default: `distributed.default_mesh(batch_size)`); process 0 writes `{results_name}.json`,
+    `.md`,
     `heatmaps/` and `curves/` under `out_dir`. Returns the results dict (complete on process 0;
     the other processes take part in the computation and return the skeleton).
 
@@ -182,7 +194,7 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
         out_dir.mkdir(parents=True, exist_ok=True)
     shots = fewshot_config.shots if fewshot_config else 0
     seeds = fewshot_config.seeds if shots else (None,)
-    predictor = Predictor(model, mesh or default_mesh(opts.batch_size), rules, fewshot_config)
+    predictor = Predictor(model, mesh or distributed.default_mesh(opts.batch_size), rules, fewshot_config)
     results: dict = {"datasets": {}, "config": config or {}, "shots": shots}
     if shots:
         results["seeds"] = list(seeds)
@@ -203,17 +215,18 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
         references: dict = {}
         notes = {}
         for cls, recs in sorted(per_class.items()):
-            words = sorted({r.object_word(opts.class_name_source) for r in recs})
+            words = sorted({r.object_word(opts.class_name_source, opts.fixed_word) for r in recs})
             labels = np.array([r.label for r in recs])
             has_masks = all(r.has_mask for r in recs if r.label)
             for i, seed in enumerate(seeds):
                 bank = None
                 if shots:
-                    refs = fewshot.sample_references(normals.get(cls, []), shots, seed)
+                    refs = references_lib.sample_references(normals.get(cls, []), shots, seed)
                     references.setdefault(cls, {})[str(seed)] = [r.image_path for r in refs]
-                    pre = preprocess_for(predictor, words, opts, spec)
-                    bank = predictor.build_bank(fewshot.load_images([r.image_path for r in refs], pre),
-                                                seed=seed, batch_size=opts.batch_size)
+                    bb = predictor.backbone_config
+                    images = pipeline.load_images([r.image_path for r in refs], opts.image_size,
+                                                  bb.pixel_mean, bb.pixel_std)
+                    bank = predictor.build_bank(images, seed=seed, batch_size=opts.batch_size)
                 desc = f"{name}/{cls}" + (f" ({shots}-shot, seed {seed})" if shots else "")
                 maps, scores, masks = predict_records(predictor, recs, words, opts, spec,
                                                       desc=desc, bank=bank)
@@ -223,7 +236,7 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
                     pmaps, pmasks = _original_resolution(recs, maps)
                 else:
                     pmaps, pmasks = maps, masks
-                per_seed[seed][cls], cat_notes = category_metrics(
+                per_seed[seed][cls], cat_notes, cat_curves = category_metrics(
                     labels, scores, pmasks, pmaps, has_masks=has_masks, fpr_limit=opts.fpr_limit)
                 if i:  # pictures and notes of the first seed
                     continue
@@ -234,11 +247,11 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
                                         opts.heatmaps_per_category, opts.image_size, scores=scores)
                 if opts.curves and has_masks:
                     other = (curves_compare or {}).get((name, cls))
-                    drawn = plots.save_curves(out_dir / "curves" / name / f"{cls}.png", labels,
-                                              scores, masks, maps, title=f"{name} / {cls}",
-                                              name=curves_name, compare=other)
+                    plots.save_curves(out_dir / "curves" / name / f"{cls}.png", cat_curves,
+                                      title=f"{name} / {cls}", name=curves_name, compare=other,
+                                      fpr_limit=opts.fpr_limit)
                     if curves_out is not None:
-                        curves_out[(name, cls)] = drawn
+                        curves_out[(name, cls)] = cat_curves
         if shots:
             cats = {cls: seed_mean([per_seed[s][cls] for s in seeds]) for cls in per_seed[seeds[0]]}
             entry = {"categories": cats, "mean": mean_metrics(cats),
@@ -256,8 +269,10 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
                 f"{p}: duplicate" for p in report.duplicates]
         results["datasets"][name] = entry
     if is_main:
-        (out_dir / f"{results_name}.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
-        (out_dir / f"{results_name}.md").write_text(markdown(results))
+        # Strict JSON: undefined metrics (NaN in memory) are null in the file (DESIGN §4).
+        workdir_lib.atomic_write_text(out_dir / f"{results_name}.json",
+                                     workdir_lib.strict_json(results, indent=2) + "\n")
+        workdir_lib.atomic_write_text(out_dir / f"{results_name}.md", markdown(results))
     return results
 
 
@@ -325,40 +340,31 @@ def markdown(results: dict, other: dict | None = None, titles=("", "")) -> str:
 def run_from_config(config, workdir: str | os.PathLike, *, model: ad.ADDinoV3 | None = None,
                     results_name: str = "results", **curve_options) -> dict:
     """`addinov3 eval`: the final model of `workdir` (or `model`) on `config.eval.datasets`, on
-    the config's mesh (multi-host with `config.multihost`); few-shot when `config.eval.shots` > 0."""
-    from addinov3_jax import config as config_lib
-    from addinov3_jax.runtime import trainer as train
+    the config's mesh (multi-host with `config.multihost`); few-shot when `config.eval.shots` > 0.
+    `config` may be the `Runtime` of a config (`setup.setup(config)`)."""
+    from addinov3_jax.runtime import setup
 
-    config = config_lib.validate(config)
-    if config.multihost:
-        train.init_multihost()
+    rt = config if isinstance(config, setup.Runtime) else setup.setup(config)
+    config, mesh, rules = rt.config, rt.mesh, rt.rules
     workdir = Path(workdir)
-    if jax.process_index() == 0:
-        train.ensure_writable(workdir)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    rules = config.mesh.rules
+    if rt.is_main:
+        workdir_lib.ensure_writable(workdir)
     if model is None:
         if not (workdir / "model" / model_dir.MODEL_FILE).is_file():
             raise FileNotFoundError(f"{workdir / 'model'}: no trained model; run `addinov3 train` "
                                     "with the same --workdir first")
-        from addinov3_jax.runtime import setup
-
-        # The towers as configured (dtypes, attention), the inference-time head choices of the
-        # config; the text activation the adapters were trained with comes from model.json.
-        model = model_dir.load(workdir / "model", mesh=mesh, rules=rules,
-                        tower_options=setup.tower_options(config.model),
-                        image_score=config.model.image_score,
-                        smoothing_sigma=config.model.smoothing_sigma)
+        model = rt.load_model(workdir / "model")
     else:
         model = place_model(model, mesh, rules)
     datasets = []
     for name, entry in config.eval.datasets.items():
         if name == "synthetic":
-            train.check_synthetic_root(entry.root)
+            setup.check_synthetic_root(entry.root)
         datasets.append((name, entry.root, tuple(entry.classes)))
     opts = EvalOptions(image_size=config.data.image_size, batch_size=config.eval.batch_size,
                        resolution=config.eval.resolution,
-                       class_name_source=config_lib.object_word_source(config),
+                       class_name_source=config.model.class_name_source,
+                       fixed_word=config.model.class_name,
                        heatmaps_per_category=config.eval.heatmaps_per_category,
                        curves=config.eval.curves, text_cache_dir=str(workdir / "text_cache"))
     return evaluate(model, datasets, workdir, opts=opts, config=json.loads(config.to_json_best_effort()),

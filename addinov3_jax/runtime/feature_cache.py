@@ -32,37 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from addinov3_jax import config
 from addinov3_jax.models import sharding
+from addinov3_jax.runtime import distributed
 
-MODES = ("device", "memory", "disk")
+# The places a cache can live (`train.feature_cache` adds "auto" and "off": config.py).
+MODES = tuple(m for m in config.FEATURE_CACHE_MODES if m not in ("auto", "off"))
 LABEL_KEYS = ("mask", "label", "class_id")
 
 
-def global_batch(local: dict[str, np.ndarray], mesh, rules, axes: dict[str, int]) -> dict[str, jax.Array]:
-    """Process-local numpy rows -> global arrays split over the `batch` rule along `axes[key]`."""
-    return {k: jax.make_array_from_process_local_data(
-        sharding.batch_sharding(mesh, rules, np.ndim(local[k]), axis), np.asarray(local[k]))
-        for k, axis in axes.items()}
 
-
-def process_rows(mesh, rules, batch_size: int) -> np.ndarray:
-    """The rows of a global batch that this process's devices hold under the `batch` rule, in
-    the order `global_batch` expects them (ascending): with process-ordered devices, the block
-    `[p * local, (p + 1) * local)`; all rows on one process, or where the batch is replicated."""
-    s = sharding.batch_sharding(mesh, rules, 1, 0)
-    rows = set()
-    for idx in s.addressable_devices_indices_map((batch_size,)).values():
-        rows.update(range(*idx[0].indices(batch_size)))
-    return np.array(sorted(rows), np.int64)
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-    """A global array as host numpy on every process (all-gathered when not all addressable)."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 FEATURE_AXES = {"patches": 1, "cls": 1, "mask": 0, "label": 0, "class_id": 0}
@@ -112,12 +91,12 @@ class FeatureCache:
     def lookup(self, idx: np.ndarray) -> dict[str, jax.Array]:
         """The batch of examples `idx` (this process's rows), as global arrays like the live path."""
         if self.device is not None:
-            i = global_batch({"i": idx}, self.mesh, self.rules, {"i": 0})["i"]
+            i = distributed.global_batch({"i": idx}, self.mesh, self.rules, {"i": 0})["i"]
             got = self._gather(self.device, i)
         else:
             local = {k: np.asarray(v[idx]) for k, v in self.arrays.items()}
             local["patches"], local["cls"] = local["patches"].swapaxes(0, 1), local["cls"].swapaxes(0, 1)
-            got = global_batch(local, self.mesh, self.rules, FEATURE_AXES)
+            got = distributed.global_batch(local, self.mesh, self.rules, FEATURE_AXES)
         got["patches"] = got["patches"].astype(jnp.float32)
         got["cls"] = got["cls"].astype(jnp.float32)
         got["mask"] = got["mask"].astype(jnp.float32)
@@ -141,13 +120,14 @@ def build(mode: str, batches: Iterable[dict], features: Callable, backbone_state
         directory = directory / f"process-{jax.process_index()}-of-{jax.process_count()}"
     cache = FeatureCache(num_examples, n_layers, tokens, dim, size, mode, dtype, directory)
     for g, local in enumerate(batches):
-        glob = global_batch(local, mesh, rules, {"image": 0, **{k: FEATURE_AXES[k] for k in LABEL_KEYS}})
+        axes = {"image": 0, **{k: FEATURE_AXES[k] for k in LABEL_KEYS}}
+        glob = distributed.global_batch(local, mesh, rules, axes)
         with sharding.use(mesh, rules):
             patches, cls = features(backbone_state, glob.pop("image"))
         idx = g * batch_size + np.arange(batch_size)
         valid = idx < num_examples
-        cache.write(idx[valid], to_host(patches)[:, valid], to_host(cls)[:, valid],
-                    {k: to_host(v)[valid] for k, v in glob.items()})
+        cache.write(idx[valid], distributed.gather(patches)[:, valid], distributed.gather(cls)[:, valid],
+                    {k: distributed.gather(v)[valid] for k, v in glob.items()})
         if progress is not None:
             progress.update(1)
     cache.finalize(mesh, rules)
@@ -160,8 +140,8 @@ def train_batch(local: dict[str, np.ndarray], cache: FeatureCache | None, featur
     cache by example `index`, or computed live from `image`; the same arrays either way."""
     if cache is not None:
         return cache.lookup(np.asarray(local["index"]))
-    batch = global_batch(local, mesh, rules, {k: FEATURE_AXES[k] for k in LABEL_KEYS})
-    images = global_batch(local, mesh, rules, {"image": 0})["image"]
+    batch = distributed.global_batch(local, mesh, rules, {k: FEATURE_AXES[k] for k in LABEL_KEYS})
+    images = distributed.global_batch(local, mesh, rules, {"image": 0})["image"]
     with sharding.use(mesh, rules):
         batch["patches"], batch["cls"] = features(backbone_state, images)
     return batch

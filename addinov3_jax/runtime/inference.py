@@ -1,23 +1,19 @@
-"""Inference on the mesh: `Predictor` runs `model.predict_step` for `eval` and `predict`.
+"""Inference on the mesh: `Predictor`, the one entry point of eval, predict, the demo, the
+benchmarks and the tests, and `Predictor.run`, the one inference loop.
 
-With a few-shot config, `Predictor.build_bank` runs the backbone over reference images on the
-mesh (batch-split like the test batches) and returns a replicated `fewshot.MemoryBank`;
-`predictor(..., bank=bank)` then fuses the few-shot maps and scores with the zero-shot ones, the
-test images' bank queries coming from the same backbone pass as the head's features. Without a
-bank the zero-shot step runs unchanged.
-
-The model's towers are placed by the config's rules (sharded; see `towers.py` / `ad.load(...,
-mesh=, rules=)`), the adapters alike, and every batch is split over the `batch` rule's axes. With
-several processes each one feeds its own rows (`jax.make_array_from_process_local_data`) and
-`gather` brings the global result to every host (for the metrics on process 0).
+`Predictor(model, mesh, rules, fewshot_config)` places the model by the rules (towers loaded on
+the same mesh do not move) and jits the predict steps of `runtime/steps.py` once. `run(batches,
+table, bank=)` takes process-local batches (`image`, `class_id` and `valid` rows; every process
+feeds its own rows), runs the zero-shot or the fused few-shot step, and yields each batch with
+the global result gathered to the host (`maps`, `scores` of its valid rows in order).
+`build_bank` runs the backbone over reference images on the mesh and returns a replicated (or,
+with `shard_bank`, row-split) `fewshot.MemoryBank`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,16 +21,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from addinov3_jax.data import pipeline
+from addinov3_jax.io import text_cache
 from addinov3_jax.models import fewshot, sharding
 from addinov3_jax.models import model as ad
-
-
-def default_mesh(batch_size: int | None = None):
-    """A data-parallel mesh: every device, or on one process the most devices that split
-    `batch_size` evenly."""
-    if batch_size and jax.process_count() == 1:
-        return sharding.make_mesh(math.gcd(batch_size, jax.device_count()), 1, 1)
-    return sharding.make_mesh(-1, 1, 1)
+from addinov3_jax.runtime import distributed, steps
 
 
 def place_model(model: ad.ADDinoV3, mesh, rules) -> ad.ADDinoV3:
@@ -45,39 +36,57 @@ def place_model(model: ad.ADDinoV3, mesh, rules) -> ad.ADDinoV3:
     return model
 
 
+def pad_rows(rows: np.ndarray, count: int) -> np.ndarray:
+    """`rows` padded to `count` rows by repeating the last one (one shape, one compilation)."""
+    rows = np.asarray(rows)
+    if len(rows) >= count:
+        return rows
+    return np.concatenate([rows, np.repeat(rows[-1:], count - len(rows), 0)])
+
+
 class Predictor:
     """Pixel maps and image scores of batches of normalised images, on a mesh.
 
     Args:
       model: an `ADDinoV3`; its variables are moved onto `mesh` by the rules (`place_model`)
         unless they are there already.
-      mesh, rules: the mesh (default: `default_mesh()`) and the logical-axis rules.
-      fewshot_config: settings of the few-shot branch (`build_bank`, `__call__(..., bank=)`);
+      mesh, rules: the mesh (default: `distributed.default_mesh()`) and the logical-axis rules.
+      fewshot_config: settings of the few-shot branch (`build_bank`, `run(..., bank=)`);
         default `fewshot.FewShotConfig()`.
     """
 
     def __init__(self, model: ad.ADDinoV3, mesh=None, rules=sharding.DEFAULT_RULES,
                  fewshot_config: fewshot.FewShotConfig | None = None):
-        self.mesh, self.rules = mesh or default_mesh(), rules
+        self.mesh, self.rules = mesh or distributed.default_mesh(), rules
         self.model = place_model(model, self.mesh, rules)
         self.graphdef, self.backbone_state = nnx.split(model.backbone)
         self.adapters = ad.trainable_params(model)
         self.fewshot = fewshot_config or fewshot.FewShotConfig()
-        out = (sharding.batch_sharding(self.mesh, rules, 3), sharding.batch_sharding(self.mesh, rules, 1))
-        self._step = jax.jit(functools.partial(_step, graphdef=self.graphdef, cfg=model.config),
-                             out_shardings=out)
-        self._fewshot_step = jax.jit(functools.partial(
-            _fewshot_step, graphdef=self.graphdef, cfg=model.config, fs=self.fewshot,
-            bank_mesh=self.mesh if self.fewshot.shard_bank else None), out_shardings=out)
-        self._taps = jax.jit(functools.partial(_taps, graphdef=self.graphdef,
-                                               layers=model.config.feature_layers),
-                             out_shardings=sharding.batch_sharding(self.mesh, rules, 4, axis=1))
+        self._step, self._fewshot_step, self._taps = steps.jit_predict_steps(
+            self.graphdef, model.config, self.fewshot, self.mesh, rules)
         self.batch_split = sharding.data_parallel_size(self.mesh, rules)
+
+    @property
+    def backbone_config(self):
+        return self.model.backbone.config
+
+    def preprocess(self, image_size: int, words: Sequence[str] = (), *,
+                   class_name_source: str = "readable", fixed_word: str = "",
+                   mask_threshold: float = 0.5) -> pipeline.Preprocess:
+        """The preprocessing of this model's backbone (its pixel mean / std) at `image_size`."""
+        bb = self.backbone_config
+        return pipeline.Preprocess(size=(image_size, image_size), mask_threshold=mask_threshold,
+                                   classes=tuple(words), class_name_source=class_name_source,
+                                   fixed_word=fixed_word, mean=tuple(bb.pixel_mean),
+                                   std=tuple(bb.pixel_std))
 
     def text_table(self, words: Sequence[str], cache_dir=None) -> jax.Array:
         """(C, E, 2) prototypes of `words`, computed once (and cached on disk), replicated."""
+        if self.model.text_tower is None:
+            raise ValueError("this model has no text tower; pass text features explicitly")
         with sharding.use(self.mesh, self.rules):
-            table = self.model.text_features(list(words), cache_dir=cache_dir)
+            table = text_cache.text_features(self.model.text_tower, list(words),
+                                               cache_dir=cache_dir)
         return jax.device_put(jnp.asarray(table), NamedSharding(self.mesh, PartitionSpec()))
 
     def local_rows(self, global_batch: int) -> int:
@@ -90,9 +99,7 @@ class Predictor:
 
     def to_global(self, local: np.ndarray) -> jax.Array:
         """Process-local rows -> a global array split over the `batch` rule."""
-        local = np.asarray(local)
-        return jax.make_array_from_process_local_data(
-            sharding.batch_sharding(self.mesh, self.rules, local.ndim), local)
+        return distributed.global_batch({"x": np.asarray(local)}, self.mesh, self.rules, {"x": 0})["x"]
 
     def __call__(self, images_bhwc, class_ids_b, table,
                  bank: fewshot.MemoryBank | None = None) -> tuple[jax.Array, jax.Array]:
@@ -105,6 +112,22 @@ class Predictor:
                 return self._step(self.backbone_state, self.adapters, images, ids, table)
             return self._fewshot_step(self.backbone_state, self.adapters, images, ids, table,
                                       bank.features_lmd)
+
+    def run(self, batches: Iterable[dict], table,
+            bank: fewshot.MemoryBank | None = None) -> Iterator[dict]:
+        """The inference loop. Each process-local batch (`image` (b, H, W, 3), `class_id` (b,),
+        `valid` (b,), any other keys) is predicted on the mesh; yields the batch with the
+        global batch's keys gathered to the host and `maps` / `scores` of its valid rows only
+        (in the global order: process 0's rows first)."""
+        for batch in batches:
+            maps, scores = self(batch["image"], batch["class_id"], table, bank=bank)
+            rows = {k: distributed.gather(self.to_global(v)) for k, v in batch.items()
+                    if k not in ("image", "class_id")}
+            valid = rows["valid"].astype(bool)
+            out = {k: v[valid] for k, v in rows.items()}
+            out["maps"] = distributed.gather(maps)[valid].astype(np.float32)
+            out["scores"] = distributed.gather(scores)[valid]
+            yield out
 
     def build_bank(self, references_khwc, *, seed: int = 0, batch_size: int = 8) -> fewshot.MemoryBank:
         """The few-shot bank of k normalised reference images (k, H, W, 3) (the same array on
@@ -120,13 +143,13 @@ class Predictor:
             parts = []
             for start in range(0, len(view), rows):
                 chunk = view[start : start + rows]
-                padded = np.concatenate([chunk, np.repeat(chunk[-1:], rows - len(chunk), 0)])
+                padded = pad_rows(chunk, rows)
                 sharded = jax.make_array_from_callback(
                     padded.shape, sharding.batch_sharding(self.mesh, self.rules, 4),
                     lambda idx, padded=padded: padded[idx])
                 with sharding.use(self.mesh, self.rules):
                     taps = self._taps(self.backbone_state, sharded)
-                parts.append(gather(taps)[:, : len(chunk)])
+                parts.append(distributed.gather(taps)[:, : len(chunk)])
             views.append(jnp.asarray(np.concatenate(parts, axis=1)))
         bank = fewshot.bank_from_features(views, self.fewshot, shots=len(refs), seed=seed)
         if self.fewshot.shard_bank:  # rows split over every device of the mesh
@@ -135,33 +158,3 @@ class Predictor:
         feats = np.asarray(bank.features_lmd)
         return dataclasses.replace(bank, features_lmd=jax.make_array_from_callback(
             feats.shape, replicated, lambda idx: feats[idx]))
-
-
-def _step(backbone_state, adapters, images, class_ids, table, *, graphdef, cfg):
-    backbone = nnx.merge(graphdef, backbone_state)
-    return ad.predict_step(backbone, adapters, images, table[class_ids], cfg)
-
-
-def _fewshot_step(backbone_state, adapters, images, class_ids, table, bank_lmd, *, graphdef, cfg, fs,
-                  bank_mesh):
-    backbone = nnx.merge(graphdef, backbone_state)
-    maps, scores, taps = ad.predict_step(backbone, adapters, images, table[class_ids], cfg,
-                                         with_taps=True)
-    p = backbone.config.patch_size
-    grid = (images.shape[1] // p, images.shape[2] // p)
-    fs_maps, fs_scores = fewshot.predict_features(bank_lmd, taps, grid, images.shape[1:3], fs,
-                                                  mesh=bank_mesh)
-    return fewshot.fuse(maps, scores, fs_maps, fs_scores, fs.fusion, fs.fusion_weight)
-
-
-def _taps(backbone_state, images, *, graphdef, layers):
-    return ad.l2_normalize(ad.extract_taps(nnx.merge(graphdef, backbone_state), images, layers)[0])
-
-
-def gather(x: jax.Array) -> np.ndarray:
-    """The whole global array as host numpy on every process."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
