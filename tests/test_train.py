@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from addinov3_jax import config as config_lib
 from addinov3_jax.data import synthetic
 from addinov3_jax.models import dinov3, sharding
-from addinov3_jax.runtime import distributed, steps
+from addinov3_jax.runtime import distributed, steps, test_hooks
 from addinov3_jax.runtime import trainer as train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def test_kill_and_resume_equals_uninterrupted(data, tmp_path):
                           text=True, timeout=600)
     assert full.returncode == 0, full.stderr[-2000:]
     killed = subprocess.run(_train_cmd(data, tmp_path / "killed", 6), capture_output=True, text=True,
-                            env=dict(env, **{train.SIGNAL_AFTER_STEP_ENV: "5:SIGKILL"}), timeout=600)
+                            env=dict(env, **{test_hooks.SIGNAL_AFTER_STEP_ENV: "5:SIGKILL"}), timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (tmp_path / "killed" / "model").exists()
     resumed = subprocess.run(_train_cmd(data, tmp_path / "killed", 6), env=env, capture_output=True,
@@ -130,7 +130,7 @@ def test_ctrl_c_is_one_line_and_resumable(data, tmp_path):
     command then resumes from step 3 and finishes."""
     env = dict(os.environ)
     res = subprocess.run(_train_cmd(data, tmp_path, 3), capture_output=True, text=True, timeout=600,
-                         env=dict(env, **{train.SIGNAL_AFTER_STEP_ENV: "3:SIGINT"}))
+                         env=dict(env, **{test_hooks.SIGNAL_AFTER_STEP_ENV: "3:SIGINT"}))
     assert res.returncode == 130, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert "interrupted at step 3 of 6; rerun the same command to resume" in res.stderr

@@ -35,13 +35,9 @@ from addinov3_jax.io import model_dir, text_cache
 from addinov3_jax.io import workdir as workdir_lib
 from addinov3_jax.models import model as ad
 from addinov3_jax.models import sharding
-from addinov3_jax.runtime import checkpointing, distributed, feature_cache, setup, steps
+from addinov3_jax.runtime import checkpointing, distributed, feature_cache, setup, steps, test_hooks
 from addinov3_jax.runtime.feature_cache import FeatureCache
 
-# Test hook, "K:SIGNAL" (e.g. "5:SIGKILL", "3:SIGINT"): this process sends itself SIGNAL right
-# after step K, once the checkpoints started so far are complete, so that tests of a kill or a
-# Ctrl-C and of the resume that follows are deterministic.
-SIGNAL_AFTER_STEP_ENV = "ADDINOV3_TEST_SIGNAL_AFTER_STEP"
 RESUME_HINT = "rerun the same command to resume from the last checkpoint"
 
 
@@ -233,7 +229,7 @@ def _run(rt: setup.Runtime, workdir: Path) -> dict[str, Any]:
             print(f"resuming from step {start} of {total}")
     meta = {"total_steps": total, "classes": list(words), "config": json.loads(cfg.to_json_best_effort())}
     writer = _Writers(workdir, is_main, start)
-    hook_step, _, hook_signal = os.environ.get(SIGNAL_AFTER_STEP_ENV, "0:").partition(":")
+    after_step = test_hooks.after_step()
 
     bar = _progress(is_main, total=total, initial=start, desc="train")
     t_last, n_last, last_terms, done = time.perf_counter(), start, None, start
@@ -260,9 +256,7 @@ def _run(rt: setup.Runtime, workdir: Path) -> dict[str, Any]:
                 with workdir_lib.write_guard(mngr.directory, RESUME_HINT):
                     checkpointing.save(mngr, done, state, it.get_state(), {"step": done, **meta})
             bar.update(1)
-            if done == int(hook_step):
-                mngr.wait_until_finished()
-                os.kill(os.getpid(), getattr(signal, hook_signal))
+            after_step(done, mngr)
             if distributed.any_process(ctrl_c["raised"]):
                 break
     finally:
