@@ -47,7 +47,8 @@ def exported(setup, fmt: str, fewshot_too: bool) -> Path:
     key = (fmt, fewshot_too)
     if key not in cache:
         out = root / f"{fmt}_{int(fewshot_too)}"
-        extra = ["--reference", str(root / "refs"), "--calibration", str(root / "cal.json")] if fewshot_too else []
+        extra = (["--reference", str(root / "refs"), "--calibration", str(root / "cal.json")]
+                 if fewshot_too else [])
         assert main(["export", "--checkpoint", str(root / "model"), "--class-name", CLASS, "--format", fmt,
                      "--image-size", str(SIZE), "--output", str(out), "--platforms", "cpu", *extra]) == 0
         cache[key] = out
@@ -115,7 +116,8 @@ def test_openvino_runs_the_onnx_file(setup):
     ov = pytest.importorskip("openvino")
     out = exported(setup, "onnx", True)
     # fp32 as exported (OpenVINO's CPU default on bf16-capable CPUs is bf16 inference).
-    compiled = ov.Core().compile_model(str(out / export.ONNX_FILE), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = ov.Core().compile_model(str(out / export.ONNX_FILE), "CPU",
+                                       {"INFERENCE_PRECISION_HINT": "f32"})
     x = images(3, seed=7)
     result = compiled(x)
     got = {o.get_any_name(): result[o] for o in compiled.outputs}
@@ -134,19 +136,20 @@ class Block(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Block())
 from addinov3_jax import serving
-x = np.random.default_rng(3).integers(0, 256, (3, %d, %d, 3), dtype=np.uint8)
+size = int(sys.argv[2])
+x = np.random.default_rng(3).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
 out = serving.load(sys.argv[1])(x)
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("flax", "addinov3_jax") and m not in (
     "addinov3_jax", "addinov3_jax.serving"))
 print(json.dumps({"map": out["map"].tolist(), "score": out["score"].tolist(), "heavy": heavy}))
-""" % (SIZE, SIZE)
+"""
 
 
 def test_serving_needs_no_flax_nor_model_code(setup):
     out = exported(setup, "stablehlo", True)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", BLOCKER, str(out)], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", BLOCKER, str(out), str(SIZE)], capture_output=True,
+                          text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["heavy"] == []
@@ -184,7 +187,8 @@ def test_broken_or_mismatched_artifacts_are_refused(setup, tmp_path, monkeypatch
     (other / export.MANIFEST).write_text(json.dumps({**manifest, "image_size": 64}))
     one_line_error(lambda: serving.load(other), "do not belong together")
     mixed = copy_export(good, tmp_path / "mixed")
-    (mixed / export.WEIGHTS_FILE).write_bytes((exported(setup, "stablehlo", True) / export.WEIGHTS_FILE).read_bytes())
+    other_weights = exported(setup, "stablehlo", True) / export.WEIGHTS_FILE
+    (mixed / export.WEIGHTS_FILE).write_bytes(other_weights.read_bytes())
     one_line_error(lambda: serving.load(mixed, verify=False), "do not fit")
     detect = serving.load(good)
     one_line_error(lambda: detect(np.zeros((1, 64, 64, 3), np.uint8)), "expects uint8 images")
