@@ -7,6 +7,9 @@ PIP := $(BIN)/pip install --disable-pip-version-check -q -c $(CONSTRAINTS)
 # The CLIP BPE vocabulary (MIT, OpenAI) ships inside the open_clip_torch wheel; installed without
 # its dependencies it is just a data file that addinov3_jax.tokenizer finds (open_clip is never imported).
 VOCAB_PKG := open_clip_torch==3.3.0
+# ONNX export: its metadata pins orbax-checkpoint<0.11.37 (for its examples); it runs on the
+# `export` extra's onnx / onnx-ir / onnxruntime, so it goes in without its dependencies too.
+ONNX_PKG := jax2onnx==0.17.1
 
 .PHONY: demo test lint bench install install-test clean
 
@@ -21,9 +24,9 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 # The vocabulary wheel's undeclared dependencies would make pip's resolver print an ERROR on any
 # later install: take it out while the extras go in, then put it back (without dependencies).
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip uninstall --disable-pip-version-check -q -y open_clip_torch
+	$(BIN)/pip uninstall --disable-pip-version-check -q -y open_clip_torch jax2onnx
 	$(PIP) -e '.[test,dev]'
-	$(BIN)/pip install --disable-pip-version-check -q --no-deps $(VOCAB_PKG)
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps $(VOCAB_PKG) $(ONNX_PKG)
 	touch $@
 
 install: $(VENV)/.installed

@@ -16,9 +16,9 @@ import time
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 from addinov3_jax import config as config_lib  # noqa: E402
-from addinov3_jax import fewshot  # noqa: E402
 from addinov3_jax.data import synthetic  # noqa: E402
 from addinov3_jax.io import model_dir
+from addinov3_jax.models import fewshot  # noqa: E402
 from addinov3_jax.runtime import evaluator as evaluate
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 PATCH_SIZE = 16  # every DINOv3 variant's
@@ -286,6 +287,24 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from addinov3_jax.commands import export
+
+    if args.reference is None and (args.fusion is not None or args.augment is not None):
+        raise UsageError("--fusion and --augment need --reference DIR (a folder of normal images)")
+    platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
+    manifest = export.export(args.checkpoint, args.class_name, args.output, format=args.format,
+                             image_size=args.image_size, reference=args.reference,
+                             calibration=args.calibration, fusion=args.fusion, augment=args.augment,
+                             platforms=platforms, overwrite=args.overwrite)
+    err = manifest["verification"]["max_abs_error"]
+    print(f"wrote {args.output}: {args.format} detector for {args.class_name!r} at "
+          f"{args.image_size}x{args.image_size} ({', '.join(manifest['files'])}, {export.MANIFEST}); "
+          f"matches predict within {err['map']:.2g} (maps) and {err['score']:.2g} (scores), "
+          f"tolerance {export.RTOL:g} relative")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from addinov3_jax.commands import predict as predict_lib
     from addinov3_jax.data import readers
@@ -398,6 +417,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --reference: views of each reference image in the bank (default none)")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.set_defaults(run=_predict)
+
+    from addinov3_jax.commands.export import baked_in
+
+    p = sub.add_parser(
+        "export", help="a detector you can ship: ONNX or StableHLO (uint8 images -> maps, scores)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill("Exports the predict path for one class at one image size: uint8 images "
+                    "(B, S, S, 3) -> map (B, S, S) float32, score (B,) float32 [, verdict (B,) "
+                    "bool]; the batch B is free. Images must already be S x S (resize with PIL "
+                    "bilinear, as predict does). Attention is exported with the plain XLA formula "
+                    "(the cuDNN fused kernel cannot be exported). The artifact is checked against "
+                    "predict (onnxruntime on CPU / serving.load) and refused beyond the tolerance; "
+                    "detector.json beside it records class, size, model checksums, settings, "
+                    "input / output names and the tolerance met.", 96),
+        epilog="baked in:\n" + "\n".join(f"  - {line}" for line in baked_in(True, True, "onnx"))
+        + "\n  (few-shot bank with --reference, verdict with --calibration; StableHLO keeps the "
+          "arrays in weights.safetensors, passed as arguments)")
+    p.add_argument("--checkpoint", required=True, help="a model dir or a training workdir")
+    p.add_argument("--class-name", required=True, help="the object word for the prompts")
+    p.add_argument("--format", choices=["onnx", "stablehlo"], required=True)
+    p.add_argument("--image-size", type=int, default=512,
+                   help="S: the exported input size, a multiple of the patch size (default 512)")
+    p.add_argument("--output", required=True, help="directory to write (created atomically)")
+    p.add_argument("--reference", default=None, metavar="DIR",
+                   help="few-shot: normal images of the class; their memory bank is baked in")
+    p.add_argument("--fusion", choices=["add", "none"], default=None, help="with --reference, as predict")
+    p.add_argument("--augment", choices=["none", "flip", "rot90", "dihedral"], default=None,
+                   help="with --reference, as predict")
+    p.add_argument("--calibration", default=None, metavar="auto|FILE",
+                   help="JSON with image_threshold and pixel_threshold (auto: <model>/calibration/"
+                        "<class>.json); adds verdict = score > image_threshold")
+    p.add_argument("--platforms", default="cpu,cuda,tpu",
+                   help="stablehlo: platforms of the one artifact (default cpu,cuda,tpu; must include "
+                        "this machine's, where it is checked)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(run=_export)
 
     p = sub.add_parser("data", help="inspect, index, build or generate datasets",
                        description="Dataset tools. NAME: " + ", ".join(_dataset_names())

@@ -133,28 +133,18 @@ def _walk(folder: Path) -> list[Path]:
     return sorted(files)
 
 
-def resolve_model_dir(checkpoint: str | os.PathLike) -> Path:
-    """The model directory (`model.json`) of a model dir or of a training workdir (`model/`)."""
-    path = Path(checkpoint)
-    for candidate in (path, path / "model"):
-        if (candidate / model_dir.MODEL_FILE).is_file():
-            return candidate
-    raise FileNotFoundError(f"{path}: neither a model directory ({model_dir.MODEL_FILE}) nor a training "
-                            "workdir with model/ inside")
-
-
 def load_model(checkpoint: str | os.PathLike, mesh=None,
                rules=sharding.DEFAULT_RULES) -> ad.ADDinoV3:
     """A model directory (`model.json`) or a training workdir containing `model/`, loaded
     straight into the rules' shardings on `mesh` (no device ever holds a whole copy of a
     sharded tower)."""
-    return model_dir.load(resolve_model_dir(checkpoint), mesh=mesh, rules=rules)
+    return model_dir.load(model_dir.resolve(checkpoint), mesh=mesh, rules=rules)
 
 
 def text_cache_dir(checkpoint: str | os.PathLike, output: str | os.PathLike) -> Path:
     """Where the text prototypes are cached: `<model dir>/text_cache` when writable, else
     `<output>/text_cache`."""
-    candidate = resolve_model_dir(checkpoint) / "text_cache"
+    candidate = model_dir.resolve(checkpoint) / "text_cache"
     try:
         candidate.mkdir(exist_ok=True)
         if os.access(candidate, os.W_OK):

@@ -136,3 +136,13 @@ def load(path: str | os.PathLike | None = None, *, backbone=None, text_tower=Non
                                        source=str(adapters))
     model = ADDinoV3(bb, tt, head_cfg, adapters=trained)
     return model
+
+
+def resolve(checkpoint: str | os.PathLike) -> Path:
+    """The model directory (`model.json`) of a model dir or of a training workdir (`model/`)."""
+    path = Path(checkpoint)
+    for candidate in (path, path / "model"):
+        if (candidate / MODEL_FILE).is_file():
+            return candidate
+    raise FileNotFoundError(f"{path}: neither a model directory ({MODEL_FILE}) nor a training "
+                            "workdir with model/ inside")
