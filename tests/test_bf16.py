@@ -21,6 +21,8 @@ METRIC_POINTS = 0.5
 # nearly tied (AUROC 28-55 in fp32: no signal), so a few of the 240 normal/anomalous pairs swap at
 # bf16 resolution (one pair = 0.42 points; measured 3 pairs, 1.25 points, on "pill"). The demo
 # benchmark (136 images, mean over categories) is within 0.5 points: benchmarks/RESULTS.md.
+# Measured 2026-12-04 (with main's former hand-copied step as with the product's): 6 pairs on
+# "pill", 2.5 points, which `100 * (a - b)` rounds to 2.500000000000008: the check allows 1e-9.
 IMAGE_METRIC_POINTS = 2.5
 
 
@@ -104,4 +106,4 @@ def test_bf16_maps_and_metrics_match_fp32(tmp_path):
                            metrics.classification_metrics(labels[sel], s32[sel]),
                            IMAGE_METRIC_POINTS)):
             for key in a:
-                assert abs(100 * (a[key] - b[key])) <= tol, (c, key, a, b)
+                assert abs(100 * (a[key] - b[key])) <= tol + 1e-9, (c, key, a, b)
