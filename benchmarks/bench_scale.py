@@ -29,6 +29,8 @@ def run_plan(backbone: str, mesh: tuple[int, int, int], batch: int, size: int) -
            f"--config.mesh.data={mesh[0]}", f"--config.mesh.fsdp={mesh[1]}",
            f"--config.mesh.tensor={mesh[2]}", f"--config.train.batch_size={batch}",
            f"--config.data.image_size={size}"]
+    if backbone == "tiny":  # its 4 blocks are the taps
+        cmd += ["--config.model.feature_layers=(0, 1, 2, 3)", "--config.model.text_tower=tiny"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(res.stdout)
