@@ -3,23 +3,27 @@ cached features) on the auxiliary categories, zero-shot evaluation on the held-o
 towers in fp32 and in bf16 (`compute_dtype`, bf16 parameters). Prints the map differences and
 every metric for both. Image scores are `max` of the map: the demo's random tiny towers give an
 image-independent global score (`softmax(g)[1]` constant to 1e-6), whose AUROC is tie noise.
+Training and prediction run the product's steps on one device: the demo config's
+`Runtime.feature_step` filling a device `FeatureCache`, `Runtime.train_step` on a `TrainState`
+(constant learning rate, no warm-up), and `Predictor`.
 
     python benchmarks/bench_bf16.py --steps 300
+    python benchmarks/bench_bf16.py --smoke    # 2 steps at 64 px: seconds
 """
 
 import argparse
 import tempfile
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from addinov3_jax import config, metrics
 from addinov3_jax.data import pipeline, readers, synthetic
-from addinov3_jax.models import clip_text, dinov3, losses
+from addinov3_jax.models import clip_text, dinov3, sharding
 from addinov3_jax.models import model as ad
+from addinov3_jax.runtime import distributed, feature_cache, setup, steps
+from addinov3_jax.runtime.inference import Predictor
 
 
 def load(root, classes, size):
@@ -36,51 +40,74 @@ def towers(dtype, image_score="max"):
                                                         image_score=image_score), rngs=nnx.Rngs(2))
 
 
-def main():
+def train_adapters(rt, model, data, table, steps_, batch, seed=0):
+    """Adapters trained by the product's steps on a device cache of `model`'s features (fp32),
+    from the run's initial adapters; returns (params, last loss)."""
+    mesh, rules, t = rt.mesh, rt.rules, rt.config.train
+    tx, _ = steps.make_optimizer(rt.config, steps_)
+    state, shardings = steps.init_train_state(rt.adapters_fn(model.text_dim), tx, mesh, rules)
+    features, train_step = rt.feature_step(nnx.graphdef(model.backbone)), rt.train_step(tx, shardings)
+    n = len(data["label"])
+    images = rt.global_batch({"image": data["image"]}, {"image": 0})["image"]
+    with sharding.use(mesh, rules):
+        patches, cls = features(nnx.state(model.backbone), images)
+    cache = feature_cache.FeatureCache(n, patches.shape[0], patches.shape[2], patches.shape[3],
+                                       rt.image_size, "device", t.feature_cache_dtype)
+    cache.write(np.arange(n), distributed.gather(patches), distributed.gather(cls),
+                {"mask": data["mask"], "label": data["label"], "class_id": np.zeros(n, np.int32)})
+    cache.finalize(mesh, rules)
+    frozen = {"text": jnp.asarray(table)}
+    rng = np.random.default_rng(seed)
+    with sharding.use(mesh, rules):
+        for _ in range(steps_):
+            state, terms = train_step(state, frozen, cache.lookup(rng.permutation(n)[:batch]))
+    return state.params, float(terms["loss"])
+
+
+def runtime(lr: float, size: int):
+    """The demo config on one device: constant `lr`, images of `size`, image score `max`."""
+    c = config.demo_config()
+    c.model.image_score = "max"
+    c.train.lr, c.train.warmup_fraction = lr, 0.0
+    c.data.image_size = size
+    c.mesh.data = 1
+    return setup.setup(c)
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="2 steps at 64 px (a check, not a number)")
+    args = ap.parse_args(argv)
     c = config.demo_config()
-    size = c.data.image_size
-    root = synthetic.ensure(tempfile.mkdtemp() + "/synthetic")
-    train, _ = load(root, c.data.classes, size)
-    test, words = load(root, c.eval.classes, size)
-    grid = (size // 16,) * 2
+    aux, held_out, size = c.data.classes, c.eval.datasets.synthetic.classes, c.data.image_size
+    root = tempfile.mkdtemp() + "/synthetic"
+    if args.smoke:
+        aux, held_out, size, args.steps = aux[:2], held_out[:2], 64, 2
+        root = synthetic.generate(root, categories=aux + held_out, size=size, normal=2,
+                                  per_defect=2, train_normal=0)
+    else:
+        root = synthetic.ensure(root)
+    rt = runtime(args.lr, size)
+    train, _ = load(root, aux, size)
+    test, words = load(root, held_out, size)
 
     m32 = towers(jnp.float32)
-    text32 = jnp.asarray(m32.text_features(["object"]))[0]  # the demo's fixed class word
-    patches, cls = m32.features(jnp.asarray(train["image"]))
-    params = ad.trainable_params(m32)
-    opt = optax.adamw(args.lr, weight_decay=1e-2)
-    state = opt.init(params)
-
-    @jax.jit
-    def step(params, state, idx):
-        def loss_fn(p):
-            out = ad.head(p, patches[:, idx], cls[:, idx], jnp.broadcast_to(text32, (len(idx),
-                          *text32.shape)), grid, (size, size), m32.config)
-            return losses.total(out, jnp.asarray(train["mask"])[idx],
-                                jnp.asarray(train["label"])[idx])["loss"]
-        loss, g = jax.value_and_grad(loss_fn)(params)
-        upd, state = opt.update(g, state, params)
-        return optax.apply_updates(params, upd), state, loss
-
-    rng = np.random.default_rng(0)
-    for _ in range(args.steps):
-        params, state, loss = step(params, state, rng.permutation(len(train["label"]))[: args.batch])
+    table = m32.text_features(["object"])  # the demo's fixed class word: (1, E, 2)
+    params, loss = train_adapters(rt, m32, train, table, args.steps, args.batch)
     print(f"trained {args.steps} steps on {len(train['label'])} auxiliary images, "
-          f"final loss {float(loss):.4f}")
+          f"final loss {loss:.4f}")
 
     results = {}
     for name, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
-        m = towers(dtype)
+        m = m32 if name == "fp32" else towers(dtype)
         ad.set_trainable_params(m, params)
-        text = jnp.asarray(m.text_features(["object"]))
-        maps, scores = m.predict(jnp.asarray(test["image"]), "object",
-                                 text_be2=jnp.broadcast_to(text, (len(test["label"]), *text.shape[1:])))
-        results[name] = (np.asarray(maps), np.asarray(scores))
+        predictor = Predictor(m, rt.mesh, rt.rules)
+        maps, scores = predictor(test["image"], np.zeros(len(test["label"]), np.int32),
+                                 predictor.text_table(["object"]))
+        results[name] = (distributed.gather(maps), distributed.gather(scores))
     (a, sa), (b, sb) = results["fp32"], results["bf16"]
     print("distinct image scores: fp32", len(np.unique(sa)), "bf16", len(np.unique(sb)),
           "of", len(sa), "; range", sa.min(), sa.max())

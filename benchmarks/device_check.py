@@ -111,14 +111,23 @@ def compile_seconds(jitted, *args):
 # ---------------------------------------------------------------------------------------------
 
 
-def feature_fn(graphdef, taps, cfg):
-    """A jitted frozen-feature forward: standardised patches (L,B,N,D) and CLS (L,B,D), fp32."""
+def one_device_mesh(device=None):
+    """The (1, 1, 1) mesh of `device` (default: the first) and the default rules."""
     import jax
-    from flax import nnx
 
-    from addinov3_jax.models import model as ad
+    from addinov3_jax.models import sharding
+    from addinov3_jax.runtime import distributed
 
-    return jax.jit(lambda state, x: ad.extract_features(nnx.merge(graphdef, state), x, cfg))
+    return (distributed.make_mesh(1, 1, 1, devices=[device or jax.devices()[0]]),
+            sharding.DEFAULT_RULES)
+
+
+def feature_step(graphdef, cfg, mesh, rules):
+    """The product's jitted frozen-feature step (`steps.jit_feature_step`): standardised patches
+    (L,B,N,D) and CLS (L,B,D), fp32; call and lower it under `sharding.use(mesh, rules)`."""
+    from addinov3_jax.runtime import steps
+
+    return steps.jit_feature_step(graphdef, cfg, mesh, rules)
 
 
 def model_flops(variant, taps, batch, size) -> float:
@@ -128,15 +137,18 @@ def model_flops(variant, taps, batch, size) -> float:
     import jax.numpy as jnp
     from flax import nnx
 
-    from addinov3_jax.models import dinov3
+    from addinov3_jax.models import dinov3, sharding
     from addinov3_jax.models import model as ad
 
     abstract = nnx.eval_shape(lambda: dinov3.create(
         variant, rngs=nnx.Rngs(0), scan_layers=False, compute_dtype=jnp.bfloat16,
         param_dtype=jnp.bfloat16, attention_impl="xla"))
     graphdef, state = nnx.split(abstract)
-    fwd = feature_fn(graphdef, taps, ad.HeadConfig(feature_layers=taps))
-    cost = fwd.lower(state, jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)).cost_analysis()
+    mesh, rules = one_device_mesh()
+    fwd = feature_step(graphdef, ad.HeadConfig(feature_layers=taps), mesh, rules)
+    with sharding.use(mesh, rules):
+        cost = fwd.lower(state, jax.ShapeDtypeStruct((batch, size, size, 3),
+                                                     jnp.float32)).cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     return float(cost["flops"])
 
@@ -147,11 +159,12 @@ def run_backbone(p, rec, device, peak):
     import numpy as np
     from flax import nnx
 
-    from addinov3_jax.models import dinov3
+    from addinov3_jax.models import dinov3, sharding
     from addinov3_jax.models import model as ad
 
     size, taps = p["image_size"], p["taps"]
     cfg = ad.HeadConfig(feature_layers=taps)
+    mesh, rules = one_device_mesh(device)
     flops_per_image = model_flops(p["backbone"], taps, 1, size)
     rec.add("backbone_model_flops", flops_per_image / 1e9, "GFLOP/img", batch=1, dtype="bfloat16",
             image_size=size, variant=p["backbone"], source="cost_analysis, unrolled")
@@ -166,9 +179,10 @@ def run_backbone(p, rec, device, peak):
     rng = np.random.default_rng(0)
     for impl, b in runs:
         graphdef, state = models[impl]
-        fwd = feature_fn(graphdef, taps, cfg)
+        fwd = feature_step(graphdef, cfg, mesh, rules)
         x = jax.device_put(rng.standard_normal((b, size, size, 3)).astype(np.float32), device)
-        secs, compiled = compile_seconds(fwd, state, x)
+        with sharding.use(mesh, rules):
+            secs, compiled = compile_seconds(fwd, state, x)
         resolved = dinov3_backend(impl, jnp.bfloat16, graphdef)
         common = dict(batch=b, dtype="bfloat16", image_size=size, variant=p["backbone"],
                       attention=resolved)
@@ -194,92 +208,88 @@ def dinov3_backend(impl, dtype, graphdef) -> str:
 
 
 def run_cache_fill(p, rec, device, bb):
-    """Host images -> device -> features -> host bf16 arrays (the `disk` / `memory` cache)."""
+    """Host images -> device -> features -> host bf16 arrays: the trainer's `memory` cache
+    (`feature_step`, then `FeatureCache.write`)."""
     import jax
-    import jax.numpy as jnp
     import ml_dtypes
     import numpy as np
 
+    from addinov3_jax.models import dinov3, sharding
     from addinov3_jax.models import model as ad
+    from addinov3_jax.runtime.feature_cache import FeatureCache
 
     graphdef, state = bb
-    size, b = p["image_size"], p["cache_batch"]
-    cfg = ad.HeadConfig(feature_layers=p["taps"])
-    fwd = feature_fn(graphdef, p["taps"], cfg)
-    to_cache = jax.jit(lambda s, x: jax.tree.map(lambda a: a.astype(jnp.bfloat16), fwd(s, x)))
+    size, b, n_batches = p["image_size"], p["cache_batch"], p["cache_batches"]
+    mesh, rules = one_device_mesh(device)
+    fwd = feature_step(graphdef, ad.HeadConfig(feature_layers=p["taps"]), mesh, rules)
     batches = [np.random.default_rng(i).standard_normal((b, size, size, 3)).astype(np.float32)
-               for i in range(p["cache_batches"])]
-    jax.block_until_ready(to_cache(state, jax.device_put(batches[0], device)))  # compile
-    host = []
-    t0 = time.perf_counter()
-    for x in batches:
-        patches, cls = to_cache(state, jax.device_put(x, device))
-        host.append((np.asarray(patches), np.asarray(cls)))
-    dt = time.perf_counter() - t0
-    assert host[0][0].dtype == ml_dtypes.bfloat16
-    rec.add("feature_cache_fill", b * len(batches) / dt, "images/s", batch=b, dtype="bfloat16",
-            image_size=size, cache_dtype="bfloat16", batches=len(batches),
-            mb_per_image=host[0][0][:, 0].nbytes / 2**20)
+               for i in range(n_batches)]
+    bcfg = dinov3.get_config(p["backbone"])
+    cache = FeatureCache(b * n_batches, len(p["taps"]), (size // bcfg.patch_size) ** 2,
+                         bcfg.embed_dim, size, "memory", "bfloat16")
+    labels = {"mask": np.zeros((b, size, size), np.uint8), "label": np.zeros(b, np.int32),
+              "class_id": np.zeros(b, np.int32)}
+    with sharding.use(mesh, rules):
+        jax.block_until_ready(fwd(state, jax.device_put(batches[0], device)))  # compile
+        t0 = time.perf_counter()
+        for i, x in enumerate(batches):
+            patches, cls = fwd(state, jax.device_put(x, device))
+            cache.write(np.arange(i * b, (i + 1) * b), np.asarray(patches), np.asarray(cls), labels)
+        dt = time.perf_counter() - t0
+    assert cache.arrays["patches"].dtype == ml_dtypes.bfloat16
+    rec.add("feature_cache_fill", b * n_batches / dt, "images/s", batch=b, dtype="bfloat16",
+            image_size=size, cache_dtype="bfloat16", batches=n_batches,
+            mb_per_image=cache.arrays["patches"][0].nbytes / 2**20)
 
 
 def run_train_step(p, rec, device):
-    """The cached step: gather a batch from a device feature cache, head, losses, AdamW."""
+    """The cached step of the trainer: a batch gathered from a device `FeatureCache` (bf16),
+    then `steps.jit_train_step` (head, losses, AdamW) on a `TrainState`."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
-    from flax import nnx
 
-    from addinov3_jax.models import dinov3, losses
+    from addinov3_jax import config as config_lib
+    from addinov3_jax.models import dinov3, sharding
     from addinov3_jax.models import model as ad
+    from addinov3_jax.runtime import setup, steps
+    from addinov3_jax.runtime.feature_cache import FeatureCache
 
     bcfg = dinov3.get_config(p["backbone"])
     size, b, taps = p["image_size"], p["train_batch"], p["taps"]
     grid = (size // bcfg.patch_size,) * 2
     n, d, e, n_layers = grid[0] * grid[1], bcfg.embed_dim, p["text_dim"], len(taps)
-    cfg = ad.HeadConfig(feature_layers=taps)
+    head_cfg = ad.HeadConfig(feature_layers=taps)
+    mesh, rules = one_device_mesh(device)
     cache_n = 2 * b
     rng = np.random.default_rng(0)
-    cache_p = jax.device_put(jnp.asarray(rng.standard_normal((n_layers, cache_n, n, d)),
-                                         jnp.bfloat16), device)
-    cache_c = jax.device_put(jnp.asarray(rng.standard_normal((n_layers, cache_n, d)),
-                                         jnp.bfloat16), device)
-    text = jax.device_put(rng.standard_normal((b, e, 2)).astype(np.float32), device)
-    masks = np.zeros((b, size, size), np.float32)
-    masks[: b // 2, size // 4 : size // 2, size // 4 : size // 2] = 1
-    masks = jax.device_put(masks, device)
-    labels = jax.device_put((np.arange(b) < b // 2).astype(np.int32), device)
-    params = nnx.to_pure_dict(nnx.state(ad.Adapters(d, e, n_layers, rngs=nnx.Rngs(0))))
-    opt = optax.adamw(1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2)
-    opt_state = opt.init(params)
-
-    def step(params, opt_state, idx):
-        patches = cache_p[:, idx].astype(jnp.float32)
-        cls = cache_c[:, idx].astype(jnp.float32)
-
-        def loss_fn(params):
-            out = ad.head(params, patches, cls, text, grid, (size, size), cfg)
-            return losses.total(out, masks, labels)["loss"]
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    jstep = jax.jit(step, donate_argnums=(0, 1))
-    idx = [jax.device_put(rng.permutation(cache_n)[:b].astype(np.int32), device)
-           for _ in range(p["train_iters"] + 1)]
-    secs, compiled = compile_seconds(jstep, params, opt_state, idx[0])
+    cache = FeatureCache(cache_n, n_layers, n, d, size, "device", "bfloat16")
+    masks = np.zeros((cache_n, size, size), np.uint8)
+    masks[: cache_n // 2, size // 4 : size // 2, size // 4 : size // 2] = 1
+    cache.write(np.arange(cache_n), rng.standard_normal((n_layers, cache_n, n, d), np.float32),
+                rng.standard_normal((n_layers, cache_n, d), np.float32),
+                {"mask": masks, "label": (np.arange(cache_n) < cache_n // 2).astype(np.int32),
+                 "class_id": np.arange(cache_n, dtype=np.int32) % b})
+    cache.finalize(mesh, rules)
+    frozen = {"text": jax.device_put(rng.standard_normal((b, e, 2)).astype(np.float32), device)}
+    tx, _ = steps.make_optimizer(config_lib.base_config(), p["train_iters"] + 1)
+    state, shardings = steps.init_train_state(setup.adapters_fn(d, e, n_layers, 0), tx, mesh, rules)
+    train_step = steps.jit_train_step(tx, head_cfg, size, bcfg.patch_size, shardings, mesh)
+    idx = [rng.permutation(cache_n)[:b] for _ in range(p["train_iters"] + 1)]
     common = dict(batch=b, dtype="float32", image_size=size, cache_dtype="bfloat16")
-    rec.add("train_step_compile", secs, "s", **common)
-    params, opt_state, loss = compiled(params, opt_state, idx[0])
-    jax.block_until_ready(loss)
-    t0 = time.perf_counter()
-    for i in range(p["train_iters"]):
-        params, opt_state, loss = compiled(params, opt_state, idx[i + 1])
-    jax.block_until_ready(loss)
-    dt = (time.perf_counter() - t0) / p["train_iters"]
-    if not np.isfinite(float(loss)):
-        raise RuntimeError(f"train step loss is {float(loss)}")
+    with sharding.use(mesh, rules):
+        secs, compiled = compile_seconds(train_step, state, frozen, cache.lookup(idx[0]))
+        rec.add("train_step_compile", secs, "s", **common)
+        state, terms = compiled(state, frozen, cache.lookup(idx[0]))
+        jax.block_until_ready(terms)
+        t0 = time.perf_counter()
+        for i in range(p["train_iters"]):
+            state, terms = compiled(state, frozen, cache.lookup(idx[i + 1]))
+        jax.block_until_ready(terms)
+        dt = (time.perf_counter() - t0) / p["train_iters"]
+    loss = float(terms["loss"])
+    if not np.isfinite(loss) or jnp.dtype(terms["loss"].dtype) != jnp.float32:
+        raise RuntimeError(f"train step loss is {loss}")
     rec.add("train_step_cached", b / dt, "images/s", **common, iters=p["train_iters"])
 
 
@@ -303,12 +313,10 @@ def run_eval(p, rec, device, bb, workdir: Path):
     import jax
     import numpy as np
     from flax import nnx
-    from jax.sharding import AxisType
 
     from addinov3_jax import metrics
     from addinov3_jax.data import pipeline, readers
     from addinov3_jax.models import model as ad
-    from addinov3_jax.models.sharding import MESH_AXES
     from addinov3_jax.runtime.inference import Predictor
 
     size, b = p["image_size"], p["eval_batch"]
@@ -323,8 +331,7 @@ def run_eval(p, rec, device, bb, workdir: Path):
     model = ad.ADDinoV3(nnx.merge(*bb), None, ad.HeadConfig(feature_layers=p["taps"]),
                         rngs=nnx.Rngs(1), text_dim=p["text_dim"])
     # The inference entry point of `eval` / `predict`, on a one-device mesh.
-    predictor = Predictor(model, jax.make_mesh((1, 1, 1), MESH_AXES, devices=[device],
-                                               axis_types=(AxisType.Auto,) * 3))
+    predictor = Predictor(model, *one_device_mesh(device))
     table = jax.device_put(np.random.default_rng(0).standard_normal(
         (len(words), p["text_dim"], 2)).astype(np.float32), device)
     for _ in range(2):

@@ -4,13 +4,13 @@ pixel metrics within 0.5 points, the loss in fp32."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from addinov3_jax import metrics
+from addinov3_jax import config, metrics
 from addinov3_jax.data import pipeline, readers, synthetic
-from addinov3_jax.models import clip_text, dinov3, losses
+from addinov3_jax.models import clip_text, dinov3, losses, sharding
 from addinov3_jax.models import model as ad
+from addinov3_jax.runtime import distributed, steps
 
 # |map_bf16 - map_fp32| (probabilities); measured 2026-11-29, see benchmarks/RESULTS.md (untrained
 # adapters, maps mid-range where the sigmoid is steepest: max 0.022, mean 0.0013).
@@ -21,6 +21,8 @@ METRIC_POINTS = 0.5
 # nearly tied (AUROC 28-55 in fp32: no signal), so a few of the 240 normal/anomalous pairs swap at
 # bf16 resolution (one pair = 0.42 points; measured 3 pairs, 1.25 points, on "pill"). The demo
 # benchmark (136 images, mean over categories) is within 0.5 points: benchmarks/RESULTS.md.
+# Measured 2026-12-04 (with main's former hand-copied step as with the product's): 6 pairs on
+# "pill", 2.5 points, which `100 * (a - b)` rounds to 2.500000000000008: the check allows 1e-9.
 IMAGE_METRIC_POINTS = 2.5
 
 
@@ -39,28 +41,35 @@ def towers(dtype):
     return ad.ADDinoV3(bb, tt, cfg, rngs=nnx.Rngs(2))
 
 
-def train_adapters(model, data, text, steps=100, batch=8):
-    """Adapters trained on fp32 features (the demo's learning rate): rankings of image scores
-    are then stable enough for image metrics to be compared; untrained, scores are near ties."""
-    patches, cls = model.features(jnp.asarray(data["image"]))
-    params = ad.trainable_params(model)
-    opt = optax.adamw(3e-3, weight_decay=1e-2)
-
-    @jax.jit
-    def step(params, state, idx):
-        def loss_fn(p):
-            out = ad.head(p, patches[:, idx], cls[:, idx], text[idx], (8, 8), (128, 128),
-                          model.config)
-            return losses.total(out, jnp.asarray(data["mask"])[idx],
-                                jnp.asarray(data["label"])[idx])["loss"]
-        grads = jax.grad(loss_fn)(params)
-        upd, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, upd), state
-
-    state, rng = opt.init(params), np.random.default_rng(0)
-    for _ in range(steps):
-        params, state = step(params, state, rng.permutation(len(data["label"]))[:batch])
-    return params
+def train_adapters(model, data, table, n_steps=100, batch=8):
+    """Adapters trained on fp32 features (the demo's learning rate, constant) from the model's
+    own, by the product's steps (`steps.jit_feature_step`, `steps.jit_train_step`) on a one-device
+    mesh: rankings of image scores are then stable enough for image metrics to be compared;
+    untrained, scores are near ties. `table` (1, E, 2): one prompt ensemble for every image."""
+    c = config.demo_config()
+    c.train.warmup_fraction = 0.0
+    tx, _ = steps.make_optimizer(c, n_steps)
+    mesh, rules = distributed.make_mesh(1, 1, 1), sharding.DEFAULT_RULES
+    bb = model.backbone.config
+    _, shardings = steps.abstract_train_state(
+        lambda: ad.Adapters(bb.embed_dim, model.text_dim, len(model.config.feature_layers),
+                            rngs=nnx.Rngs(0)), tx, mesh, rules)
+    params = jax.tree.map(jnp.array, ad.trainable_params(model))  # a copy: the step donates it
+    state = jax.device_put(steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                            opt_state=tx.init(params)), shardings)
+    features = steps.jit_feature_step(nnx.graphdef(model.backbone), model.config, mesh, rules)
+    train_step = steps.jit_train_step(tx, model.config, 128, bb.patch_size, shardings, mesh)
+    frozen = {"text": jnp.asarray(table)}
+    mask, label = jnp.asarray(data["mask"]), jnp.asarray(data["label"])
+    rng = np.random.default_rng(0)
+    with sharding.use(mesh, rules):
+        patches, cls = features(nnx.state(model.backbone), jnp.asarray(data["image"]))
+        for _ in range(n_steps):
+            idx = rng.permutation(len(data["label"]))[:batch]
+            state, _ = train_step(state, frozen, {
+                "patches": patches[:, idx], "cls": cls[:, idx], "mask": mask[idx],
+                "label": label[idx], "class_id": jnp.zeros(len(idx), jnp.int32)})
+    return state.params
 
 
 def test_bf16_maps_and_metrics_match_fp32(tmp_path):
@@ -73,8 +82,7 @@ def test_bf16_maps_and_metrics_match_fp32(tmp_path):
         table = m.text_features(["object"])  # one prompt ensemble for all classes, as the demo
         assert table.dtype == np.float32
         if name == "fp32":
-            params = train_adapters(m, aux, jnp.broadcast_to(table, (len(aux["label"]),
-                                                                     *table.shape[1:])))
+            params = train_adapters(m, aux, table)
         ad.set_trainable_params(m, params)
         text = jnp.broadcast_to(table, (len(test["label"]), *table.shape[1:]))
         feats = m.features(jnp.asarray(test["image"]))
@@ -98,4 +106,4 @@ def test_bf16_maps_and_metrics_match_fp32(tmp_path):
                            metrics.classification_metrics(labels[sel], s32[sel]),
                            IMAGE_METRIC_POINTS)):
             for key in a:
-                assert abs(100 * (a[key] - b[key])) <= tol, (c, key, a, b)
+                assert abs(100 * (a[key] - b[key])) <= tol + 1e-9, (c, key, a, b)
