@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import ml_collections
 
-from addinov3_jax.models import sharding
+from addinov3_jax.models import layers, sharding
 
 
 class ConfigError(ValueError):
@@ -44,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.smoothing_sigma = 0.0
     c.model.compute_dtype = "float32"  # "bfloat16": bf16 matmuls, fp32 norms / softmax / loss
     c.model.param_dtype = "float32"  # storage of the frozen towers' parameters
-    c.model.attention_impl = "auto"  # "auto" (cuDNN on GPU for bf16), "xla", "cudnn", "splash"
+    c.model.attention_impl = "auto"  # one of layers.ATTENTION_IMPLEMENTATIONS; "auto": cuDNN on
+    # GPU for bf16, "blockwise" on CPU for large logits, "xla" otherwise
     c.model.scan_layers = True
 
     c.data = ml_collections.ConfigDict()
@@ -180,7 +181,7 @@ ENUMS = {
     "model.compute_dtype": ("float32", "bfloat16"),
     "model.text_activation": ("gelu", "quick_gelu", ""),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention_impl": ("auto", "xla", "cudnn", "splash"),
+    "model.attention_impl": tuple(x for x in layers.ATTENTION_IMPLEMENTATIONS if x is not None),
     "data.source": ("raw", "tfds"),
     "data.on_bad_sample": ("error", "skip"),
     "train.feature_cache": ("auto", "device", "memory", "disk", "off"),
