@@ -8,6 +8,10 @@ same interleaving (an A/B of `layers.attention`). Random weights (speed only).
 
     python benchmarks/bench_dinov3.py --variant vitl16 --size 512 --batch 1 --reps 5
     python benchmarks/bench_dinov3.py --size 224 --batch 8 --dtype bfloat16 --impls auto,xla
+    python benchmarks/bench_dinov3.py --core --impls xla,blockwise --reps 9
+
+`--core` times the attention core alone (`layers.attention` on the variant's q, k, v for this
+size and batch) against `torch.nn.functional.scaled_dot_product_attention`, same interleaving.
 """
 
 import argparse
@@ -62,6 +66,7 @@ def main():
     ap.add_argument("--impls", default="auto",
                     help="comma-separated attention implementations of ours to time "
                          f"({', '.join(str(x) for x in layers.ATTENTION_IMPLEMENTATIONS[1:])})")
+    ap.add_argument("--core", action="store_true", help="time the attention core only")
     args = ap.parse_args()
 
     threads = len(os.sched_getaffinity(0))  # what XLA's CPU client sizes its pool by
@@ -76,6 +81,52 @@ def main():
     print(f"{args.variant} {args.size}x{args.size} ({tokens} tokens), batch {args.batch}, "
           f"{args.dtype}, {args.reps} interleaved reps; load average {os.getloadavg()}")
 
+    if args.core:
+        sides = attention_core_sides(args, cfg, tokens)
+    else:
+        sides = forward_sides(args, cfg, ref, tokens)
+    for fn in sides.values():  # warm-up
+        fn()
+    times = {name: [] for name in sides}
+    for _ in range(args.reps):
+        for name, fn in sides.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    theirs = list(sides)[-1]
+    t_min, t_med = summary(times[theirs])
+    for name, ts in times.items():
+        lo, med = summary(ts)
+        ratio = "" if name == theirs else (
+            f"; ratio torch/ours: min {t_min / lo:.2f}x, median {t_med / med:.2f}x")
+        print(f"{name:22s} min {lo:8.4f} s  median {med:8.4f} s  "
+              f"({args.batch / med:.2f} img/s){ratio}")
+
+
+def attention_core_sides(args, cfg, tokens):
+    """`layers.attention` per implementation vs torch SDPA (what transformers' DINOv3 attention
+    calls) on random (batch, tokens, heads, head_dim) q, k, v."""
+    rng = np.random.default_rng(0)
+    shape = (args.batch, tokens, cfg.num_heads, cfg.head_dim)
+    qkv = [jax.numpy.asarray(rng.standard_normal(shape), args.dtype) for _ in range(3)]
+    qkv_t = [torch.from_numpy(np.asarray(x, np.float32).transpose(0, 2, 1, 3).copy())
+             .to(getattr(torch, args.dtype)) for x in qkv]
+    sides = {}
+    for impl in args.impls.split(","):
+        fn = jax.jit(lambda q, k, v, impl=impl: layers.attention(q, k, v, implementation=impl))
+        print(f"ours attention_impl={impl} runs {layers.attention_backend(qkv[0], impl)!r}")
+        sides[f"ours[{impl}]"] = lambda fn=fn: fn(*qkv).block_until_ready()
+
+    def theirs():
+        with torch.inference_mode():
+            torch.nn.functional.scaled_dot_product_attention(*qkv_t)
+
+    sides["torch sdpa"] = theirs
+    return sides
+
+
+def forward_sides(args, cfg, ref, tokens):
+    """Our jitted forward per attention implementation vs the transformers model."""
     x = np.random.default_rng(0).standard_normal((args.batch, args.size, args.size, 3))
     x = x.astype(np.float32)
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(getattr(torch, args.dtype))
@@ -98,21 +149,7 @@ def main():
             ref(xt)
 
     sides["transformers"] = theirs
-    for fn in sides.values():  # warm-up
-        fn()
-    times = {name: [] for name in sides}
-    for _ in range(args.reps):
-        for name, fn in sides.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    t_min, t_med = summary(times["transformers"])
-    for name, ts in times.items():
-        lo, med = summary(ts)
-        ratio = "" if name == "transformers" else (
-            f"; ratio torch/ours: min {t_min / lo:.2f}x, median {t_med / med:.2f}x")
-        print(f"{name:22s} min {lo:8.3f} s  median {med:8.3f} s  "
-              f"({args.batch / med:.2f} img/s){ratio}")
+    return sides
 
 
 if __name__ == "__main__":
