@@ -181,7 +181,7 @@ SWEEP_CHUNK = 1 << 22  # pixels per step of the host path's pass over the scores
 
 def _metrics_numpy(scores, payload, inv_sizes, n_pos, n_regions, fpr_limit, chunk=SWEEP_CHUNK):
     """[auroc, ap, f1_max, aupro] on the host, with the memory of one uint32 key per negative
-    pixel plus ~60 bytes per positive pixel and per `chunk` pixels (see `pixel_metrics`).
+    pixel plus 60-80 bytes per positive pixel and ~60 per `chunk` pixels (see `pixel_metrics`).
 
     One pass over the scores in chunks splits them into the negatives' uint32 score keys and the
     positives' packed 64-bit (score key, region id) keys; both are sorted in place. The curve
@@ -405,8 +405,8 @@ def pixel_metrics(masks, maps, *, fpr_limit: float = 0.3, ground_truth: GroundTr
     masks, maps: (N, H, W) binary ground truth and anomaly maps. Pass `ground_truth` (from
     `GroundTruth.from_masks(masks)`) to reuse the connected components across evaluations.
     Memory on a CPU host, beyond the maps and the ground truth's int32 region ids: 4 bytes per
-    normal pixel (its sort key), about 60 bytes per anomalous pixel, and about 60 bytes for
-    each of `SWEEP_CHUNK` pixels (~250 MB) while the keys are made: about 2.5 GB for the 567 M
+    normal pixel (its sort key), 60-80 bytes per anomalous pixel, and up to ~60 bytes for
+    each of `SWEEP_CHUNK` pixels (~250 MB) while the keys are made: about 4 GB for the 567 M
     pixels of a full MVTec AD + VisA pass at 512x512 with 5 % anomalous pixels.
     """
     gt = ground_truth or GroundTruth.from_masks(masks)
