@@ -46,7 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.smoothing_sigma = 0.0
     c.model.compute_dtype = "float32"  # "bfloat16": bf16 matmuls, fp32 norms / softmax / loss
     c.model.param_dtype = "float32"  # storage of the frozen towers' parameters
-    c.model.attention_impl = "auto"  # "auto" (cuDNN on GPU for bf16), "xla", "cudnn", "splash"
+    c.model.attention_impl = "auto"  # one of layers.ATTENTION_IMPLEMENTATIONS; "auto": cuDNN on
+    # GPU for bf16, "blockwise" on CPU for large logits, "xla" otherwise
     c.model.scan_layers = True
 
     c.data = ml_collections.ConfigDict()

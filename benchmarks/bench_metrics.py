@@ -1,12 +1,21 @@
-"""AUPRO on N maps of SxS: ours (one JAX sort) vs a plain NumPy statement of the reference
-algorithm vs the 200-threshold (cflow-style) loop, same data, same run; plus AUROC/AP/F1 vs
-scikit-learn. Values are printed side by side (the reference and ours must agree).
+"""Pixel metrics on N maps of SxS on the CPU: ours (`metrics.pixel_metrics`: AUROC, AP, F1-max
+and the reference AUPRO together) vs a plain vectorized NumPy statement of the MVTec reference
+AUPRO (AUPRO only), interleaved `--reps` times in one process; min and median of each, the ratio,
+the peak memory of each (tracemalloc: NumPy reports its allocations) per pixel, and a profile of
+where each spends its time (cProfile, top entries). `--cflow` also times the 200-threshold loop
+once. The two AUPRO values must agree.
 
-    python benchmarks/bench_metrics.py --maps 200 --size 512
+    python benchmarks/bench_metrics.py --maps 100 --size 512 --reps 5
 """
 
 import argparse
+import cProfile
+import io
+import os
+import pstats
+import statistics
 import time
+import tracemalloc
 
 import numpy as np
 from scipy import ndimage
@@ -38,10 +47,31 @@ def numpy_reference_aupro(masks, maps, limit=0.3):
     return (area + 0.5 * (y_star + y[i - 1]) * (limit - x[i - 1])) / limit
 
 
+def peak_bytes(fn) -> int:
+    tracemalloc.start()
+    fn()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def profile(fn, top: int) -> str:
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
+    start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls"))
+    return "\n".join(lines[start - 1 :])
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--maps", type=int, default=200)
+    ap.add_argument("--maps", type=int, default=100)
     ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--cflow", action="store_true", help="also time the 200-threshold loop once")
+    ap.add_argument("--profile", type=int, default=8, help="profile entries to print (0: none)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     masks = np.zeros((args.maps, args.size, args.size), bool)
@@ -51,29 +81,43 @@ def main():
             masks[k, y : y + rng.integers(5, 60), x : x + rng.integers(5, 60)] = True
     maps = (rng.random(masks.shape, dtype=np.float32) * 0.6
             + ndimage.gaussian_filter(masks.astype(np.float32), (0, 4, 4)))
-    print(f"{args.maps} maps of {args.size}x{args.size} ({masks.size / 1e6:.1f} M pixels)")
+    n_px = masks.size
+    print(f"{args.maps} maps of {args.size}x{args.size} ({n_px / 1e6:.1f} M pixels, "
+          f"{masks.mean():.2%} anomalous), float32 maps; load average {os.getloadavg()}")
 
-    def timed(fn):
-        """Second of two calls: the first pays the allocator's first touch of ~1 GB of memory."""
-        fn()
-        t0 = time.perf_counter()
-        out = fn()
-        return out, time.perf_counter() - t0
-
-    gt, t_gt = timed(lambda: metrics.GroundTruth.from_masks(masks))
-    ours, t_ours = timed(lambda: metrics.pixel_metrics(masks, maps, ground_truth=gt))
-    ref, t_ref = timed(lambda: numpy_reference_aupro(masks, maps))
     t0 = time.perf_counter()
-    cflow = metrics.aupro_200_thresholds(masks, maps)  # slow enough to time once
-    t_cflow = time.perf_counter() - t0
-    print(f"ours (all 4 pixel metrics, one sort): {t_ours:.2f} s (+ {t_gt:.2f} s ground-truth "
-          f"components, once per dataset); AUPRO {ours['aupro']:.9f}")
-    diff = abs(ref - ours["aupro"])
-    print(f"plain NumPy reference AUPRO: {t_ref:.2f} s; AUPRO {ref:.9f}; |diff| {diff:.1e}")
-    print(f"200-threshold loop: {t_cflow:.2f} s; AUPRO(cflow) {cflow:.6f} (a different quantity)")
-    print(f"ratios: reference / ours = {t_ref / t_ours:.1f}x, 200-threshold / ours = "
-          f"{t_cflow / t_ours:.1f}x (incl. components: {t_ref / (t_ours + t_gt):.1f}x, "
-          f"{t_cflow / (t_ours + t_gt):.1f}x)")
+    gt = metrics.GroundTruth.from_masks(masks)
+    t_gt = time.perf_counter() - t0
+    sides = {"ours": lambda: metrics.pixel_metrics(masks, maps, ground_truth=gt)["aupro"],
+             "reference": lambda: numpy_reference_aupro(masks, maps)}
+    values = {name: fn() for name, fn in sides.items()}  # warm-up: first touch of the memory
+    times = {name: [] for name in sides}
+    for _ in range(args.reps):
+        for name, fn in sides.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    for name, ts in times.items():
+        peak = peak_bytes(sides[name])
+        print(f"{name:10s} min {min(ts):6.2f} s  median {statistics.median(ts):6.2f} s  "
+              f"peak {peak / 2**20:7.0f} MiB ({peak / n_px:5.1f} B/pixel)  "
+              f"AUPRO {values[name]:.12f}")
+    print(f"ground-truth components (once per dataset, not in 'ours'): {t_gt:.2f} s")
+    print(f"|AUPRO diff| {abs(values['ours'] - values['reference']):.1e}")
+    r_min = min(times["reference"]) / min(times["ours"])
+    r_med = statistics.median(times["reference"]) / statistics.median(times["ours"])
+    print(f"ratio reference / ours: min {r_min:.1f}x, median {r_med:.1f}x "
+          f"(ours computes AUROC, AP and F1-max too)")
+    if args.profile:
+        for name, fn in sides.items():
+            print(f"\nprofile of {name} (one call, cProfile, by own time):")
+            print(profile(fn, args.profile))
+    if args.cflow:
+        t0 = time.perf_counter()
+        cflow = metrics.aupro_200_thresholds(masks, maps)
+        t_cflow = time.perf_counter() - t0
+        print(f"200-threshold loop: {t_cflow:.2f} s, {t_cflow / min(times['ours']):.1f}x ours; "
+              f"AUPRO(cflow) {cflow:.6f} (a different quantity)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""`layers.attention` (jax.nn.dot_product_attention, the Pallas splash kernel) against the einsum
-formula it replaced, alone and inside both towers; bf16 parameter storage."""
+"""`layers.attention` (jax.nn.dot_product_attention, the CPU blockwise loop, the Pallas splash
+kernel) against the einsum formula it replaced, alone and inside both towers; bf16 parameter
+storage."""
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ def qkv(rng, b=3, t=17, h=4, d=16):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("impl", [None, "auto", "xla"])
+@pytest.mark.parametrize("impl", [None, "auto", "xla", "blockwise"])
 @pytest.mark.parametrize("t", [1, 17, 77])
 def test_equals_einsum_formula(rng, causal, impl, t):
     q, k, v = qkv(rng, t=t)
@@ -40,10 +41,56 @@ def test_backend_choice_and_bad_names(rng):
     assert layers.attention_backend(q, None) == "xla"  # CPU
     assert layers.attention_backend(q.astype(jnp.bfloat16), "auto") == "xla"
     assert layers.attention_backend(q, "cudnn") == "cudnn"
+    assert layers.attention_backend(q, "blockwise") == "blockwise"
     with pytest.raises(ValueError, match="attention implementation must be one of"):
         layers.attention(q, q, q, implementation="flash")
     with pytest.raises(ValueError, match="attention implementation must be one of"):
         dinov3.create("tiny", rngs=nnx.Rngs(0), attention_impl="flash")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("t", [1, 37, 40])
+def test_blockwise_blocks_equal_plain_formula(rng, causal, t):
+    """Small step budgets force both splits: (batch x heads) = 12 pairs in groups of 2, and the
+    queries in blocks of 10 rows (37: the last block padded; 40: no padding)."""
+    q, k, v = qkv(rng, b=3, t=t, h=4, d=16)
+    fn = jax.jit(lambda q, k, v: layers._attention_blockwise(
+        q, k, v, causal=causal, step_bytes=2 * 4 * t * t, max_head_bytes=4 * t * 10 - 1))
+    with jax.default_matmul_precision("highest"):
+        got = fn(q, k, v)
+        want = einsum_attention(q, k, v, causal=causal)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+
+
+def test_blockwise_bfloat16(rng):
+    q, k, v = (x.astype(jnp.bfloat16) for x in qkv(rng, b=2, t=33, h=4, d=16))
+    got = layers._attention_blockwise(q, k, v, causal=True, step_bytes=4 * 33 * 33,
+                                      max_head_bytes=4 * 33 * 8)
+    assert got.dtype == jnp.bfloat16
+    want = einsum_attention(q, k, v, causal=True)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=2e-2, rtol=0)
+
+
+def test_auto_picks_blockwise_for_large_logits_on_cpu():
+    """The shape rule: blockwise once the whole fp32 (B, heads, T, T) logits exceed
+    BLOCKWISE_STEP_BYTES; "xla" below (one step would hold everything anyway)."""
+    def spec(b, t, h=16, dtype=jnp.float32):
+        return jax.ShapeDtypeStruct((b, t, h, 64), dtype)
+    assert layers.attention_backend(spec(1, 1029), None) == "blockwise"  # ViT-L/16, 512 px
+    assert layers.attention_backend(spec(8, 201), None) == "blockwise"  # 224 px, batch 8
+    assert layers.attention_backend(spec(1, 1029, dtype=jnp.bfloat16), "auto") == "blockwise"
+    assert layers.attention_backend(spec(1, 201), None) == "blockwise"  # 2.6 MB
+    assert layers.attention_backend(spec(1, 128), None) == "xla"  # 1 MiB
+    assert layers.attention_backend(spec(1, 17, h=4), None) == "xla"
+
+
+def test_config_accepts_every_implementation():
+    from addinov3_jax import config
+
+    allowed = config.ENUMS["model.attention_impl"]
+    assert set(allowed) == {x for x in layers.ATTENTION_IMPLEMENTATIONS if x is not None}
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -192,3 +192,35 @@ def test_jax_and_numpy_backends_agree():
     c_jax = metrics.classification_metrics(y, s, backend="jax")
     c_np = metrics.classification_metrics(y, s, backend="numpy")
     assert all(abs(c_jax[k] - c_np[k]) < 1e-12 for k in c_np)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 22])
+def test_host_path_chunks_equal_one_sort_of_every_pixel(chunk):
+    """The host path (negatives as bare uint32 keys, curve at the positives' scores only, keys
+    made `chunk` pixels at a time) gives the values of the all-pixel sort (JAX path) and the
+    plain reference, with ties across chunk boundaries, signed zeros and negative scores."""
+    rng = np.random.default_rng(13)
+    masks = np.zeros((3, 12, 10), bool)
+    masks[0, 2:6, 1:4] = masks[1, 7:11, 5:9] = masks[2, 0, 0] = True
+    maps = (np.round(rng.normal(size=masks.shape) + masks, 1) * 0.5).astype(np.float32)
+    maps[maps == 0] = -0.0
+    gt = metrics.GroundTruth.from_masks(masks)
+    p = int(np.count_nonzero(gt.payload))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        got = metrics._metrics_numpy(maps.reshape(-1), gt.payload, gt.inv_sizes, p,
+                                     float(gt.num_regions), 0.3, chunk=chunk)
+    want = metrics.pixel_metrics(masks, maps, backend="jax")
+    np.testing.assert_allclose(got, [want[k] for k in ("auroc", "ap", "f1_max", "aupro")],
+                               atol=1e-12, rtol=0)
+    assert abs(got[3] - plain_reference_aupro(masks, maps)) < 1e-9
+    assert abs(got[0] - roc_auc_score(masks.reshape(-1), maps.reshape(-1))) < 1e-12
+
+
+def test_pixel_metrics_one_class():
+    rng = np.random.default_rng(2)
+    maps = rng.random((2, 6, 6)).astype(np.float32)
+    normal = metrics.pixel_metrics(np.zeros((2, 6, 6)), maps)
+    assert np.isnan(normal["auroc"]) and np.isnan(normal["aupro"]) and normal["ap"] == 0.0
+    anomalous = metrics.pixel_metrics(np.ones((2, 6, 6)), maps)
+    assert np.isnan(anomalous["auroc"]) and np.isnan(anomalous["aupro"])
+    assert anomalous["ap"] == 1.0 and anomalous["f1_max"] == 1.0

@@ -289,7 +289,7 @@ class DinoV3(nnx.Module):
     ):
         """`compute_dtype` runs the matmuls (bf16: LayerNorm statistics, softmax and RoPE stay
         fp32); `param_dtype` stores the parameters; `attention_impl` is passed to
-        `layers.attention` (None / "auto", "xla", "cudnn", "splash")."""
+        `layers.attention` (one of `layers.ATTENTION_IMPLEMENTATIONS`; "auto" picks by platform)."""
         cfg = config
         d, p = cfg.embed_dim, cfg.patch_size
         self.config = cfg

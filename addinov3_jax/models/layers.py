@@ -89,7 +89,7 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
-ATTENTION_IMPLEMENTATIONS = (None, "auto", "xla", "cudnn", "splash")
+ATTENTION_IMPLEMENTATIONS = (None, "auto", "xla", "blockwise", "cudnn", "splash")
 # The dtypes a tower computes in / stores its parameters in (config `model.compute_dtype`, ...).
 DTYPES = ("float32", "bfloat16")
 
@@ -102,19 +102,36 @@ def check_attention_impl(implementation: str | None) -> str | None:
     return None if implementation == "auto" else implementation
 
 
+# fp32 logits per step of "blockwise" attention: (batch, head) pairs are grouped so that one
+# step's (pairs, T, T) block stays within this (measured on a 2-core AMD EPYC, benchmarks/RESULTS.md:
+# 2 MiB steps beat both the whole (B, heads, T, T) matrix and smaller steps). One head's (T, T)
+# block is split over queries only beyond BLOCKWISE_MAX_HEAD_BYTES (T > 2048): splitting ViT-L/16
+# at 512 px (T = 1029, 4 MiB per head) into query blocks measured slower.
+BLOCKWISE_STEP_BYTES = 2 << 20
+BLOCKWISE_MAX_HEAD_BYTES = 16 << 20
+
+
 def attention_backend(q: jax.Array, implementation: str | None) -> str:
-    """The implementation `attention` runs for queries like `q`.
+    """The implementation `attention` runs for queries like `q` (B, T, heads, head_dim).
 
     None / "auto": cuDNN flash attention on GPU for bf16/fp16 with a head dim that cuDNN takes
-    (a multiple of 8, at most 128), XLA otherwise (on TPU the Pallas "splash" kernel is opt-in).
+    (a multiple of 8, at most 128). On a single-device CPU, "blockwise" when the fp32 logits of
+    the whole (B, heads, T, T) matrix exceed `BLOCKWISE_STEP_BYTES` (it is then faster: 1.7x for
+    ViT-L/16 at 512 px), else "xla" (the matrix fits in cache). XLA otherwise (on TPU the
+    Pallas "splash" kernel is opt-in).
     """
     implementation = check_attention_impl(implementation)
     if implementation is not None:
         return implementation
-    head_dim = q.shape[-1]
-    if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    b, t, h, head_dim = q.shape
+    backend = jax.default_backend()
+    if (backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
             and head_dim % 8 == 0 and head_dim <= 128):
         return "cudnn"
+    mesh = jax.sharding.get_abstract_mesh()
+    if (backend == "cpu" and (mesh.empty or mesh.size == 1)
+            and b * h * t * t * 4 > BLOCKWISE_STEP_BYTES):
+        return "blockwise"
     return "xla"
 
 
@@ -125,9 +142,10 @@ def attention(
     """Scaled dot-product attention on (B, T, heads, head_dim) -> (B, T, heads, head_dim).
 
     Logits and softmax are computed in fp32 whatever the input dtype; the output has the dtype of
-    `v`. `implementation`: None / "auto" (see `attention_backend`), "xla", "cudnn" (GPU, bf16 /
-    fp16 only) or "splash" (the Pallas TPU kernel). "xla" on a CPU host runs the same formula in
-    a heads-major layout (`_attention_heads_major`).
+    `v`. `implementation`: None / "auto" (see `attention_backend`), "xla", "blockwise" (the same
+    formula a block of (batch, head) pairs at a time, `_attention_blockwise`), "cudnn" (GPU, bf16
+    / fp16 only) or "splash" (the Pallas TPU kernel). "xla" on a CPU host runs the same formula
+    in a heads-major layout (`_attention_heads_major`).
     """
     backend = attention_backend(q, implementation)
     if backend == "splash":
@@ -136,6 +154,8 @@ def attention(
             raise ValueError(f"attention_impl='splash' runs on one device; this mesh has "
                              f"{mesh.size}: use attention_impl='auto' (or 'xla') on a mesh")
         return _splash_attention(q, k, v, causal=causal)
+    if backend == "blockwise":
+        return _attention_blockwise(q, k, v, causal=causal)
     if backend == "xla" and jax.default_backend() == "cpu":
         return _attention_heads_major(q, k, v, causal=causal)
     if backend == "cudnn" and implementation is None:
@@ -146,18 +166,61 @@ def attention(
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=backend)
 
 
+def _heads_major_core(q_gqd, k_gkd, v_gkd, *, causal: bool, q_offset=0) -> jax.Array:
+    """Softmax attention of g independent (queries, keys) pairs, fp32 logits and softmax; query
+    i sits at position `q_offset + i` for the causal mask."""
+    logits = jnp.einsum("gqd,gkd->gqk", q_gqd, k_gkd, preferred_element_type=jnp.float32)
+    logits = logits * q_gqd.shape[-1] ** -0.5
+    if causal:
+        rows = q_offset + jnp.arange(q_gqd.shape[1])[:, None]
+        logits = jnp.where(rows >= jnp.arange(k_gkd.shape[1])[None, :], logits, -jnp.inf)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v_gkd.dtype)
+    return jnp.einsum("gqk,gkd->gqd", weights, v_gkd)
+
+
 def _attention_heads_major(q, k, v, *, causal: bool) -> jax.Array:
     """XLA attention with heads moved ahead of the tokens first. On CPU the two batched matmuls
     then run on contiguous (T, head_dim) slices: 2x faster than the (B, T, heads, head_dim)
     contraction of `jax.nn.dot_product_attention` for ViT-L/16 at 512x512 (bench_cpu_block.py)."""
-    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, heads, T, head_dim)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = logits * q.shape[-1] ** -0.5
-    if causal:
-        t = q.shape[2]
-        logits = jnp.where(jnp.tril(jnp.ones((t, t), dtype=bool)), logits, -jnp.inf)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
+    b, t, h, d = q.shape
+    q, k, v = (x.transpose(0, 2, 1, 3).reshape(b * h, t, d) for x in (q, k, v))
+    out = _heads_major_core(q, k, v, causal=causal)
+    return out.reshape(b, h, t, d).transpose(0, 2, 1, 3)
+
+
+def _attention_blockwise(q, k, v, *, causal: bool, step_bytes: int = BLOCKWISE_STEP_BYTES,
+                         max_head_bytes: int = BLOCKWISE_MAX_HEAD_BYTES) -> jax.Array:
+    """The heads-major formula one block at a time (`lax.map`), so that no step holds more than
+    `step_bytes` of fp32 logits (one head's at least): the (batch x heads) pairs in groups of
+    g (the largest divisor of B * heads that fits) and, where one head's (T, T) logits exceed
+    `max_head_bytes`, its queries in blocks of `max_head_bytes / (4 T)` rows (padded at the
+    end; padded rows are dropped). Every key is seen in every step, so the softmax is exact."""
+    b, t, h, d = q.shape
+    pairs = b * h
+    head_bytes = 4 * t * t
+    g = max([n for n in range(1, pairs + 1) if pairs % n == 0 and n * head_bytes <= step_bytes],
+            default=1)
+    bq = t if head_bytes <= max_head_bytes else max(1, max_head_bytes // (4 * t))
+    nq = -(-t // bq)
+    q, k, v = (x.transpose(0, 2, 1, 3).reshape(pairs // g, g, t, d) for x in (q, k, v))
+    if nq > 1:
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, nq * bq - t), (0, 0)))
+    q = q.reshape(pairs // g, g, nq, bq, d)
+
+    def pair_group(args):
+        q_gnqd, k_gkd, v_gkd = args
+
+        def query_block(i):
+            q_gqd = jax.lax.dynamic_index_in_dim(q_gnqd, i, axis=1, keepdims=False)
+            return _heads_major_core(q_gqd, k_gkd, v_gkd, causal=causal, q_offset=i * bq)
+
+        if nq == 1:
+            return query_block(0)[:, None]
+        return jnp.moveaxis(jax.lax.map(query_block, jnp.arange(nq)), 0, 1)
+
+    out = jax.lax.map(pair_group, (q, k, v))  # (pairs / g, g, nq, bq, d)
+    out = out.reshape(b, h, nq * bq, d)[:, :, :t]
+    return out.transpose(0, 2, 1, 3)
 
 
 SPLASH_BLOCK = 128
