@@ -14,7 +14,18 @@ from addinov3_jax.runtime import evaluator as evaluate
 
 
 def curves_of(labels, scores, masks, maps):
-    return evaluate.category_metrics(labels, scores, masks, maps, has_masks=True, fpr_limit=0.3)[2]
+    return evaluate.category_metrics(labels, scores, masks, maps, has_masks=True, fpr_limit=0.3,
+                                     curves=True)[2]
+
+
+def test_metrics_read_off_the_drawn_curves_equal_the_one_sort_metrics():
+    """With curves drawn, a category's numbers come from the curve points; without, from one sort
+    of the pixels (`pixel_metrics`, the accelerator path where there is one): they are equal."""
+    for seed, shift in ((0, 0.5), (1, 0.0), (2, 0.2)):
+        args = category(seed, shift)
+        drawn = evaluate.category_metrics(*args, has_masks=True, fpr_limit=0.3, curves=True)[0]
+        plain = evaluate.category_metrics(*args, has_masks=True, fpr_limit=0.3)[0]
+        assert drawn == plain
 
 
 def category(seed=0, shift=0.5):

@@ -116,21 +116,28 @@ def _original_resolution(records, maps):
     return out_maps, out_masks
 
 
-def category_metrics(labels, scores, masks, maps, *, has_masks: bool, fpr_limit: float):
-    """(METRICS dict, notes, curves) of one category. The metrics are read off the same curves
-    that `plots.save_curves` draws (one sort of the pixels), so plots and `results.json` agree;
-    `masks` / `maps` are (N, H, W) arrays or lists of 2-D arrays of any sizes (original
-    resolution: pixels pooled)."""
+def category_metrics(labels, scores, masks, maps, *, has_masks: bool, fpr_limit: float,
+                     curves: bool = False):
+    """(METRICS dict, notes, curves) of one category; `masks` / `maps` are (N, H, W) arrays or
+    lists of 2-D arrays of any sizes (original resolution: pixels pooled).
+
+    The metrics come from one sort of the pixels (`metrics.pixel_metrics`, on the accelerator
+    where there is one). With `curves=True` they are read off the curve points that
+    `plots.save_curves` draws instead (the same counts and formulas), so a plot and
+    `results.json` always agree; else the curves are None."""
     notes = []
     row: dict[str, float] = {}
-    curves: dict[str, metrics.Curves | None] = {"image": None, "pixel": None}
+    drawn: dict[str, metrics.Curves | None] | None = {"image": None, "pixel": None} if curves else None
     labels = np.asarray(labels)
     if labels.min() == labels.max():
         notes.append(f"image metrics undefined: only {'anomalous' if labels[0] else 'normal'} images")
         row.update(image_auroc=math.nan, image_ap=math.nan, image_f1_max=math.nan)
     else:
-        curves["image"] = metrics.curves(labels, scores)
-        c = curves["image"].metrics()
+        if curves:
+            drawn["image"] = metrics.curves(labels, scores)
+            c = drawn["image"].metrics()
+        else:
+            c = metrics.classification_metrics(labels, scores)
         row.update(image_auroc=c["auroc"], image_ap=c["ap"], image_f1_max=c["f1_max"])
     if not has_masks:
         notes.append("pixel metrics undefined: anomalous images without masks")
@@ -141,18 +148,20 @@ def category_metrics(labels, scores, masks, maps, *, has_masks: bool, fpr_limit:
             flat = np.concatenate([m.reshape(-1) for m in maps])
         else:
             gt, flat = metrics.GroundTruth.from_masks(masks), maps
-        curves["pixel"] = metrics.pixel_curves(None, flat, ground_truth=gt)
-        p = curves["pixel"].metrics(fpr_limit)
-        if not (curves["pixel"].num_pos and curves["pixel"].num_neg):  # one pixel class only:
-            # AUROC, AP, F1-max and AUPRO are all undefined
+        if curves:
+            drawn["pixel"] = metrics.pixel_curves(None, flat, ground_truth=gt)
+            p = drawn["pixel"].metrics(fpr_limit)
+        else:
+            p = metrics.pixel_metrics(None, flat, ground_truth=gt, fpr_limit=fpr_limit)
+        positives = int(np.count_nonzero(gt.payload))
+        if positives in (0, gt.payload.size):  # one pixel class only: every pixel metric undefined
             notes.append("pixel metrics undefined: no anomalous pixels (only normal images, or "
-                         "empty masks)" if not curves["pixel"].num_pos else
-                         "pixel metrics undefined: no normal pixels")
+                         "empty masks)" if not positives else "pixel metrics undefined: no normal pixels")
             p = dict.fromkeys(("auroc", "ap", "f1_max", "aupro"), math.nan)
         row.update(pixel_auroc=p["auroc"], pixel_ap=p["ap"], pixel_f1_max=p["f1_max"],
                    pixel_aupro=p["aupro"])
     row["num_images"] = int(len(labels))
-    return row, notes, curves
+    return row, notes, drawn
 
 
 def _per_key(rows: Sequence[dict], reduce) -> dict[str, float]:
@@ -236,8 +245,10 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
                     pmaps, pmasks = _original_resolution(recs, maps)
                 else:
                     pmaps, pmasks = maps, masks
+                draw = opts.curves and has_masks and not i  # pictures of the first seed
                 per_seed[seed][cls], cat_notes, cat_curves = category_metrics(
-                    labels, scores, pmasks, pmaps, has_masks=has_masks, fpr_limit=opts.fpr_limit)
+                    labels, scores, pmasks, pmaps, has_masks=has_masks, fpr_limit=opts.fpr_limit,
+                    curves=draw)
                 if i:  # pictures and notes of the first seed
                     continue
                 if cat_notes:
