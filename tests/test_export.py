@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from addinov3_jax.cli import main
 from flax import nnx
 from PIL import Image
 
 from addinov3_jax import serving
 from addinov3_jax.commands import export
+from addinov3_jax.commands.cli import main
 from addinov3_jax.data import references
 from addinov3_jax.data.pipeline import load_images, preprocess_image
 from addinov3_jax.io import model_dir
