@@ -240,4 +240,4 @@ def f1_optimal_threshold(labels, scores) -> float:
     i = int(np.argmax(f1))
     below = s_sorted[i + 1] if i + 1 < len(s_sorted) else -np.inf
     # A threshold between the cut's score and the next lower one: decisions score > t.
-    return float(below if np.isfinite(below) else s_sorted[i] - 1.0)
+    return float(below if np.isfinite(below) else np.nextafter(s_sorted[i], -np.inf))

@@ -187,6 +187,58 @@ def save_heatmaps(directory: Path, records, maps, masks, count: int, size: int, 
     return written
 
 
+REPORT_MIN_SIDE = 256  # report panels: smaller images are upscaled (bilinear) to this
+
+
+def _resize_map(amap: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(np.asarray(amap, np.float32), "F").resize(
+        (size, size), Image.BILINEAR), np.float32)
+
+
+def save_report_panels(directory: Path, records, maps, masks, scores, count: int, size: int, *,
+                       threshold: float | None = None,
+                       pixel_threshold: float | None = None) -> dict[str, list[dict]]:
+    """The report's examples of one category: the `count` defective images with the lowest
+    scores (`misses`) and the good images with the highest (`false_alarms`), each drawn as
+    `image | overlay | ground-truth outline` at least `REPORT_MIN_SIDE` pixels high (colours:
+    the category's map range, or above `pixel_threshold` only) and, with a pixel threshold, its
+    defect mask (`mask_file`). Returns {"misses": [...], "false_alarms": [...]} of dicts with
+    `file`, `image`, `label`, `defect`, `score` (and `verdict` with an image `threshold`)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("*.png"):
+        old.unlink()
+    maps, scores = np.asarray(maps), np.asarray(scores, np.float64)
+    labels = np.array([r.label for r in records])
+    scale = (float(maps.min()), float(maps.max()))
+    side = max(REPORT_MIN_SIDE, size)
+    bad = [i for i in np.argsort(scores, kind="stable") if labels[i]][:count]
+    good = [i for i in np.argsort(-scores, kind="stable") if not labels[i]][:count]
+    out: dict[str, list[dict]] = {"misses": [], "false_alarms": []}
+    for kind, chosen in (("misses", bad), ("false_alarms", good)):
+        for j, i in enumerate(chosen):
+            r = records[i]
+            img = decode_image(Path(r.image_path).read_bytes(), r.image_path).resize(
+                (side, side), Image.BILINEAR)
+            amap = _resize_map(maps[i], side)
+            gt = (np.asarray(Image.fromarray(np.asarray(masks[i], np.uint8) * 255).resize(
+                (side, side), Image.NEAREST)) > 0) if r.label else None
+            defect = (r.defect or "anomalous") if r.label else "good"
+            stem = f"{kind}_{j}_{defect}_{Path(r.image_path).stem}"
+            item = {"file": str(directory / f"{stem}.png"), "image": r.image_path,
+                    "label": int(r.label), "defect": defect, "score": float(scores[i])}
+            if threshold is not None:
+                item["verdict"] = "defective" if scores[i] > threshold else "good"
+            overlay(np.asarray(img), amap, gt, scale=scale, score=float(scores[i]),
+                    caption=f"{r.class_name} / {defect}", threshold=pixel_threshold).save(item["file"])
+            if pixel_threshold is not None:
+                item["mask_file"] = str(directory / f"{stem}_mask.png")
+                Image.fromarray((amap > pixel_threshold).astype(np.uint8) * 255, "L").save(
+                    item["mask_file"])
+            out[kind].append(item)
+    return out
+
+
 # ------------------------------------------------------------------------------ curves
 
 _WARNED_NO_MATPLOTLIB = False

@@ -42,6 +42,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,7 +51,7 @@ import numpy as np
 from PIL import Image
 
 from addinov3_jax import calibration as calib
-from addinov3_jax import plots
+from addinov3_jax import plots, reporting
 from addinov3_jax.data import references
 from addinov3_jax.data.records import IMAGE_SUFFIXES, DataError, decode_image
 from addinov3_jax.io import model_dir
@@ -307,11 +308,21 @@ def _predict(model, paths, skipped, class_name, out: Path, *, image_size, batch_
             index(complete)
         if complete:
             _remove_stale(out, previous, {r["name"] for r in rows})
+        _write_report(out)
     if not rows:
         first = skipped[0] if skipped else {"image": "-", "error": "no input"}
         raise DataError(f"none of the {len(skipped)} input(s) could be read (first: {first['image']}: "
                         f"{first['error']}); see {out / 'scores.json'}")
     return Prediction(rows, skipped, used, not_drawn)
+
+
+def _write_report(out: Path) -> None:
+    """`report.html` from `scores.json` (a failure is a warning: every result is already kept)."""
+    try:
+        reporting.write(out / "report.html", reporting.predict_page(
+            out, json.loads((out / "scores.json").read_text())))
+    except Exception as e:  # noqa: BLE001 - the page is a view of files already written
+        warnings.warn(f"{out / 'report.html'} not written: {_one_line(e)}", stacklevel=2)
 
 
 def _decide(row: dict, amap: np.ndarray, calibration: dict, out: Path) -> None:
@@ -369,6 +380,7 @@ def _remove_stale(out: Path, previous: set[str], current: set[str]) -> None:
     have: removed, so the folder matches `scores.json`."""
     for name in previous - current:
         (out / "heatmaps" / f"{name}.png").unlink(missing_ok=True)
+        (out / "masks" / f"{name}.png").unlink(missing_ok=True)
         (out / "maps" / f"{name}.npy").unlink(missing_ok=True)
 
 
