@@ -3,6 +3,8 @@ the normalized score, masks and regions, `addinov3 calibrate` and `predict --cal
 
 import csv
 import json
+import re
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -156,6 +158,10 @@ def test_calibrate_then_predict_with_verdicts_masks_and_regions(model_dir, tmp_p
         assert (mask.sum() > 0) == (row["max_pixel"] > record["pixel_threshold"])
     rows = list(csv.DictReader(open(out / "scores.csv")))
     assert {"verdict", "normalized_score", "defect_regions"} <= set(rows[0])
+    page = (out / "report.html").read_text()
+    links = re.findall(r'src="([^"]+)"', page)
+    assert len(links) == 2 * len(rows) and all((out / unquote(x)).is_file() for x in links)
+    assert "defective</span>" in page and "normalized score" in page
 
 
 def test_fail_on_defect_exit_codes(model_dir, tmp_path, capsys):

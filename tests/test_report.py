@@ -3,7 +3,6 @@ the calibration uses train images only, and the page renders (headless Chromium,
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import tempfile

@@ -453,7 +453,7 @@ def decisions_markdown(cal: dict) -> list[str]:
 
 
 def run_from_config(config, workdir: str | os.PathLike, *, model: ad.ADDinoV3 | None = None,
-                    results_name: str = "results", **curve_options) -> dict:
+                    results_name: str = "results", **options) -> dict:
     """`addinov3 eval`: the final model of `workdir` (or `model`) on `config.eval.datasets`, on
     the config's mesh (multi-host with `config.multihost`); few-shot when `config.eval.shots` > 0.
     `config` may be the `Runtime` of a config (`setup.setup(config)`)."""
@@ -485,7 +485,7 @@ def run_from_config(config, workdir: str | os.PathLike, *, model: ad.ADDinoV3 | 
                        false_alarm_rate=config.eval.calibration.false_alarm_rate)
     return evaluate(model, datasets, workdir, opts=opts, config=json.loads(config.to_json_best_effort()),
                     results_name=results_name, mesh=mesh, rules=rules,
-                    fewshot_config=config_lib.fewshot_config(config), **curve_options)
+                    fewshot_config=config_lib.fewshot_config(config), **options)
 
 
 def device_summary() -> str:
