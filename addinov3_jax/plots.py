@@ -83,14 +83,16 @@ def overlay(image_rgb: np.ndarray, amap: np.ndarray, mask: np.ndarray | None = N
     `amap` holds raw map values; colours run from `scale[0]` (dark blue) to `scale[1]` (dark red),
     values outside are clipped. With a pixel `threshold` (a calibration's) the scale is relative
     to it: below it the image shows through unchanged, above it warm colours run from yellow (at
-    the threshold) to dark red (at `max(scale[1], threshold)`). The caption line shows `caption`,
-    the image `score` and the scale.
+    the threshold) to dark red (at `scale[1]`, or just above the threshold when nothing exceeds
+    it). The caption line shows `caption`, the image `score` and the scale.
     """
     lo, hi = float(scale[0]), float(scale[1])
     palette = _RAMP
     amap = np.asarray(amap, np.float32)
     if threshold is not None:
-        lo, hi, palette = float(threshold), max(hi, float(threshold)), _WARM
+        # Nothing above the threshold in the scale: a short range above it (the bar stays readable).
+        lo, palette = float(threshold), _WARM
+        hi = max(hi, lo + max(1e-6, 0.05 * abs(lo)))
     norm = ((amap - np.float32(lo)) / np.float32(hi - lo) if hi > lo
             else np.zeros(np.shape(amap), np.float32))
     image_rgb = np.asarray(image_rgb, np.uint8)

@@ -32,7 +32,7 @@ table { border-collapse: collapse; margin: 10px 0 18px; font-size: 14px; }
 th, td { border: 1px solid #ccc; padding: 4px 9px; text-align: right; }
 th { background: #f0f2f5; } td:first-child, th:first-child { text-align: left; }
 tr.mean td { font-weight: bold; background: #fafafa; }
-table.decisions { font-size: 12px; } table.decisions th { max-width: 84px; white-space: normal; }
+table.decisions { font-size: 13px; } table.decisions th { max-width: 110px; }
 table { display: block; overflow-x: auto; max-width: 100%; }
 .note { color: #555; font-size: 13px; }
 .gallery { display: flex; flex-wrap: wrap; gap: 14px; }
@@ -105,26 +105,32 @@ def metrics_table(name: str, entry: Mapping) -> str:
                  mean_rows=[("mean", *[mean[k] for k in keys], mean["num_images"])])
 
 
-DECISION_COLUMNS = ("n", "image_threshold", "pixel_threshold", "false_alarm_rate", "detection_rate",
-                    "pixel_false_alarm_rate", "f1_threshold", "f1_false_alarm_rate",
-                    "f1_detection_rate")
+DECISION_COLUMNS = (("n", "calibration images"), ("image_threshold", "image threshold"),
+                    ("pixel_threshold", "pixel threshold"),
+                    ("false_alarm_rate", "false-alarm rate"), ("detection_rate", "detection rate"),
+                    ("pixel_false_alarm_rate", "good images with a mask"),
+                    ("f1_threshold", "F1-optimal threshold"),
+                    ("f1_false_alarm_rate", "F1-optimal: false-alarm rate"),
+                    ("f1_detection_rate", "F1-optimal: detection rate"))
 
 
 def decisions_table(name: str, cal: Mapping) -> str:
+    keys = [k for k, _ in DECISION_COLUMNS]
     rows = []
     for cls, r in cal["categories"].items():
         if "note" in r:
-            rows.append((cls, r["n"], *["n/a"] * (len(DECISION_COLUMNS) + 2)))
+            rows.append((cls, r["n"], *["n/a"] * (len(keys) + 1)))
             continue
         lo, hi = r["false_alarm_ci95"]
         c = r["confusion"]
-        rows.append((cls, *[r[k] for k in DECISION_COLUMNS], f"{fmt(lo)}-{fmt(hi)}",
-                     f"tp {c['tp']} fp {c['fp']}", f"tn {c['tn']} fn {c['fn']}"))
+        rows.append((cls, *[r[k] for k in keys], f"{fmt(lo)}-{fmt(hi)}",
+                     f"{c['tp']} / {c['fp']} / {c['tn']} / {c['fn']}"))
     m = cal["mean"]
     lo, hi = m["pooled_false_alarm_ci95"]
     mean = ("mean", "", "", "", m["false_alarm_rate"], m["detection_rate"], m["pixel_false_alarm_rate"],
             "", m["f1_false_alarm_rate"], m["f1_detection_rate"],
-            f"pooled {fmt(m['pooled_false_alarm_rate'])}: {fmt(lo)}-{fmt(hi)}", f"{m['num_good']} good", "")
+            f"pooled {fmt(m['pooled_false_alarm_rate'])} ({fmt(lo)}-{fmt(hi)}, {m['num_good']} good)",
+            "")
     notes = "".join(f'<p class="note">{esc(cls)}: {esc(r["note"])}</p>'
                     for cls, r in cal["categories"].items() if "note" in r)
     return (f"<h3>Decisions at a target false-alarm rate of {esc(cal['false_alarm_rate_target'])}</h3>"
@@ -132,7 +138,8 @@ def decisions_table(name: str, cal: Mapping) -> str:
             "rates measured on the test images: false alarms among the good ones, detections among "
             "the defective ones; the F1-optimal threshold needs the labels and is shown for "
             "comparison.</p>"
-            + table(["category", *DECISION_COLUMNS, "false alarms 95% CI", "confusion", ""], rows,
+            + table(["category", *[label for _, label in DECISION_COLUMNS], "false-alarm 95% CI",
+                     "tp / fp / tn / fn"], rows,
                     attrs=f'class="decisions" data-dataset="{esc(name)}"', mean_rows=[mean]) + notes)
 
 
@@ -155,7 +162,7 @@ def examples_section(dataset: str, cls: str, examples: Mapping, base) -> str:
 
 
 def eval_page(results: Mapping, out_dir, panels: Mapping, *, title: str = "addinov3 evaluation",
-              intro: Sequence[str] = (), curves_dir=None) -> str:
+              intro: Sequence[str] = (), curves_dir=None, curves_title: str = "Curves") -> str:
     """The page of an evaluation written into `out_dir` (pictures linked relative to it);
     `intro`: HTML sections put first (the demo's comparison tables); `curves_dir`: where
     `curves/<dataset>/<class>.png` live (default `out_dir/curves`)."""
@@ -171,15 +178,15 @@ def eval_page(results: Mapping, out_dir, panels: Mapping, *, title: str = "addin
             sections += [f'<p class="note">{esc(cls)}: {esc(n)}</p>' for n in ns]
         if "calibration" in entry:
             sections.append(decisions_table(name, entry["calibration"]))
-        curves = [c for c in (curves_dir / name / f"{cls}.png" for cls in entry["categories"])
-                  if c.is_file()]
-        if curves:
-            sections.append("<h3>Curves</h3>" + "".join(
-                f'<img class="curves" src="{href(c, out_dir)}" alt="{esc(c.stem)} curves">'
-                for c in curves))
         for cls in entry["categories"]:
             if (name, cls) in panels:
                 sections.append(examples_section(name, cls, panels[(name, cls)], out_dir))
+        curves = [c for c in (curves_dir / name / f"{cls}.png" for cls in entry["categories"])
+                  if c.is_file()]
+        if curves:
+            sections.append(f"<h3>{esc(curves_title)}</h3>" + "".join(
+                f'<img class="curves" src="{href(c, out_dir)}" alt="{esc(c.stem)} curves">'
+                for c in curves))
     return page(title, sections, subtitle)
 
 

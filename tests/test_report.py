@@ -130,14 +130,27 @@ def test_eval_calibrates_on_train_images_and_writes_a_checked_report(tiny, syn, 
     header, *rows = decisions["rows"]
     for r in rows[:-1]:
         src = cal["categories"][r[0]]
-        assert r[header.index("false_alarm_rate")] == reporting.fmt(src["false_alarm_rate"])
-        assert r[header.index("detection_rate")] == reporting.fmt(src["detection_rate"])
+        assert r[header.index("false-alarm rate")] == reporting.fmt(src["false_alarm_rate"])
+        assert r[header.index("detection rate")] == reporting.fmt(src["detection_rate"])
+        c = src["confusion"]
+        assert r[-1] == f"{c['tp']} / {c['fp']} / {c['tn']} / {c['fn']}"
     pictures = [tmp_path / link for link in page.links if "report/" in link]
     assert len(pictures) == 2 * 2 * 2 * 2  # 2 classes x (misses, false alarms) x 2 x (overlay, mask)
     for p in pictures:
         with Image.open(p) as im:
             assert im.height >= 256
     assert screenshot_std(tmp_path / "report.html", tmp_path) > 10
+
+
+def test_too_few_train_images_is_a_note_not_a_failure(tiny, tmp_path):
+    root = synthetic.generate(tmp_path / "syn", categories=("pill",), size=64, normal=2,
+                              per_defect=1, train_normal=5)
+    opts = evaluate.EvalOptions(image_size=64, batch_size=4, heatmaps_per_category=0, curves=False,
+                                false_alarm_rate=0.1, report_examples=1)
+    results = evaluate.evaluate(tiny, [("synthetic", str(root))], tmp_path / "out", opts=opts)
+    row = results["datasets"]["synthetic"]["calibration"]["categories"]["pill"]
+    assert row == {"n": 5, "note": "need at least 9 good images for a false-alarm rate of 0.1; got 5"}
+    assert "need at least 9 good images" in (tmp_path / "out" / "report.html").read_text()
 
 
 def test_escaping_and_formatting():

@@ -191,7 +191,8 @@ def _write_page(workdir: Path, trained: dict, untrained: dict, fewshot_results: 
     best = fewshot_results[max(fewshot_results)] if fewshot_results else trained
     title = f"addinov3 demo ({best.get('shots', 0)}-shot model below)" if fewshot_results else "addinov3 demo"
     reporting.write(workdir / "report.html", reporting.eval_page(
-        best, workdir, panels, title=title, intro=intro, curves_dir=workdir / "curves"))
+        best, workdir, panels, title=title, intro=intro, curves_dir=workdir / "curves",
+        curves_title="Curves (zero-shot, trained vs untrained)"))
 
 
 def fewshot_table(zero: dict, shots: dict[int, dict], dataset: str = "synthetic") -> str:

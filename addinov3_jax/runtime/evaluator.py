@@ -247,6 +247,10 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
                 desc = f"{name}/{cls}" + (f" ({shots}-shot, seed {seed})" if shots else "")
                 maps, scores, masks = predict_records(predictor, recs, words, opts, spec,
                                                       desc=desc, bank=bank)
+                good = None  # calibration scores: every process takes part, first seed only
+                if alpha and not i:
+                    good = _calibration_scores(predictor, references_lib.calibration_records(
+                        normals.get(cls, []), refs), words, opts, spec, bank, alpha)
                 if not is_main:  # metrics and pictures on process 0
                     continue
                 if opts.resolution == "original":
@@ -261,10 +265,7 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
                     notes[cls] = cat_notes
                 decision = None
                 if alpha:
-                    pool = references_lib.calibration_records(normals.get(cls, []), refs)
-                    decision = _decide(predictor, pool, words, opts, spec, bank, alpha, labels,
-                                       scores, maps)
-                    decisions[cls] = decision
+                    decision = decisions[cls] = _decide(good, alpha, labels, scores, maps)
                 examples = plots.save_report_panels(
                     out_dir / "report" / name / cls, recs, maps, masks, scores,
                     opts.report_examples, opts.image_size,
@@ -316,17 +317,26 @@ DECISION_RATES = ("false_alarm_rate", "detection_rate", "f1_false_alarm_rate", "
                   "pixel_false_alarm_rate")
 
 
-def _decide(predictor, pool: Sequence[Record], words, opts: EvalOptions, spec, bank, alpha: float,
-            labels, scores, maps) -> dict:
-    """One class's calibration on its train/good `pool` and what its thresholds achieve on the
-    test images (`labels`, `scores`, `maps`), next to the F1-optimal threshold's pair."""
-    row: dict = {"n": len(pool)}
+def _calibration_scores(predictor, pool: Sequence[Record], words, opts: EvalOptions, spec, bank,
+                        alpha: float) -> tuple[np.ndarray, np.ndarray] | int:
+    """(image scores, max map values) of one class's calibration images `pool` (fused with the
+    few-shot `bank`), or their count when too few to calibrate at `alpha` (nothing computed)."""
+    if len(pool) < calib.min_good_images(alpha):
+        return len(pool)
+    maps, scores, _ = predict_records(predictor, pool, words, opts, spec, desc="calibrate", bank=bank)
+    return scores, maps.reshape(len(pool), -1).max(axis=1)
+
+
+def _decide(good, alpha: float, labels, scores, maps) -> dict:
+    """One class's calibration on its good images' (scores, max map values) `good` and what its
+    thresholds achieve on the test images (`labels`, `scores`, `maps`), next to the F1-optimal
+    threshold's pair."""
+    n = good if isinstance(good, int) else len(good[0])
+    row: dict = {"n": n}
     try:
-        if len(pool) < calib.min_good_images(alpha):
-            calib.conformal_threshold([0.0] * len(pool), alpha)  # raises with the reason
-        cal_maps, cal_scores, _ = predict_records(predictor, pool, words, opts, spec,
-                                                  desc="calibrate", bank=bank)
-        record = calib.calibrate(cal_scores, cal_maps.reshape(len(pool), -1).max(axis=1), alpha)
+        if isinstance(good, int):
+            calib.conformal_threshold([0.0] * n, alpha)  # raises with the reason
+        record = calib.calibrate(good[0], good[1], alpha)
     except calib.CalibrationError as e:
         row["note"] = str(e)
         return row
