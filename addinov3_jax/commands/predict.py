@@ -15,6 +15,13 @@ output clears what a killed run left and removes the heatmaps / maps of inputs i
 Large photos are decoded at reduced scale (`decode_image(max_side=...)`) and their full-size maps
 are never held in memory (`map_max`, `save_full_map` work a block of rows at a time).
 
+Calibrated (`calibration`, from `addinov3 calibrate`): every row gains `verdict` (score >
+image threshold: "defective") and `normalized_score` (`calibration.NORMALIZED_SCORE`, the
+threshold at 0.5); `masks/<name>.png` holds map > pixel threshold at the image's size and the
+row's `regions` its 8-connected components (box, area, peak); heatmaps colour only what lies
+above the pixel threshold. (The mask and regions need the full-size map of one image at a time.)
+`report.html` shows the rows with their heatmaps and masks.
+
 Unreadable inputs are skipped and reported (printed, and listed in `scores.json`); the run fails
 only when nothing could be read.
 
