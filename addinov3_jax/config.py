@@ -96,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Few-shot (shared/reference/fewshot.md): shots > 0 adds a memory bank of `shots` train/good
     # images per class, one per seed of `shot_seeds`; results are the mean over seeds.
     c.eval.shots = 0  # 0 = zero-shot only
+    # Decisions (calibration.py): > 0 calibrates each class on its train/good images at this
+    # false-alarm rate and reports the measured false-alarm and detection rates; 0 = off.
+    c.eval.calibration = ml_collections.ConfigDict({"false_alarm_rate": 0.0})
     c.eval.shot_seeds = (0,)
     # The fields of fewshot.FewShotConfig with its defaults (documented there), but shots / seeds.
     c.eval.fewshot = ml_collections.ConfigDict({
@@ -247,6 +250,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                               "config.dataset_entry(root, classes)")
         if not entry.root:
             raise ConfigError(f"config field eval.datasets.{name}.root is empty")
+    a = c.eval.calibration.false_alarm_rate
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a < 1:
+        raise ConfigError(f"config field eval.calibration.false_alarm_rate={a!r} must be a number in "
+                          "[0, 1) (0 = no calibration; e.g. 0.05)")
     fewshot_config(c)
     return c
 

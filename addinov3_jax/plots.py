@@ -27,6 +27,8 @@ from addinov3_jax.data.records import decode_image
 # A perceptually ordered blue -> cyan -> yellow -> red ramp (anchor colours, linearly blended).
 _RAMP = np.array([[0, 0, 128], [0, 64, 255], [0, 200, 255], [120, 255, 120], [255, 220, 0],
                   [255, 64, 0], [128, 0, 0]], np.float32)
+# Above a pixel threshold (calibrated predictions): yellow -> orange -> dark red.
+_WARM = np.array([[255, 235, 60], [255, 140, 0], [230, 40, 0], [128, 0, 0]], np.float32)
 COLORBAR_TICKS = 5
 # Pictures lower than this are enlarged (nearest neighbour, whole factors) or padded, so the
 # colour bar, its labels and the caption always fit; the enlargement keeps the width below
@@ -35,13 +37,13 @@ MIN_HEIGHT = 24
 MAX_ENLARGED_WIDTH = 4096
 
 
-def colormap(x: np.ndarray) -> np.ndarray:
-    """(H, W) values in [0, 1] -> (H, W, 3) uint8 colours."""
-    x = np.clip(np.nan_to_num(np.asarray(x, np.float32)), 0, 1) * np.float32(len(_RAMP) - 1)
+def colormap(x: np.ndarray, ramp: np.ndarray = _RAMP) -> np.ndarray:
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8 colours (blue -> red, or `_WARM`)."""
+    x = np.clip(np.nan_to_num(np.asarray(x, np.float32)), 0, 1) * np.float32(len(ramp) - 1)
     lo = np.floor(x).astype(np.uint8)
-    hi = np.minimum(lo + 1, len(_RAMP) - 1)
+    hi = np.minimum(lo + 1, len(ramp) - 1)
     t = (x - lo)[..., None]
-    return (_RAMP[lo] * (1 - t) + _RAMP[hi] * t).astype(np.uint8)
+    return (ramp[lo] * (1 - t) + ramp[hi] * t).astype(np.uint8)
 
 
 def _font(px: int):
@@ -74,17 +76,30 @@ def colorbar_box(body_width: int, height: int) -> tuple[int, int, int, int]:
 
 def overlay(image_rgb: np.ndarray, amap: np.ndarray, mask: np.ndarray | None = None,
             alpha: float = 0.5, *, scale: tuple[float, float] = (0.0, 1.0),
-            score: float | None = None, caption: str = "") -> Image.Image:
+            score: float | None = None, caption: str = "",
+            threshold: float | None = None) -> Image.Image:
     """`image | heatmap overlay (| ground-truth contour)`, a colour bar for `scale`, a caption.
 
     `amap` holds raw map values; colours run from `scale[0]` (dark blue) to `scale[1]` (dark red),
-    values outside are clipped. The caption line shows `caption`, the image `score` and the scale.
+    values outside are clipped. With a pixel `threshold` (a calibration's) the scale is relative
+    to it: below it the image shows through unchanged, above it warm colours run from yellow (at
+    the threshold) to dark red (at `scale[1]`, or just above the threshold when nothing exceeds
+    it). The caption line shows `caption`, the image `score` and the scale.
     """
     lo, hi = float(scale[0]), float(scale[1])
-    norm = ((np.asarray(amap, np.float32) - np.float32(lo)) / np.float32(hi - lo) if hi > lo
+    palette = _RAMP
+    amap = np.asarray(amap, np.float32)
+    if threshold is not None:
+        # Nothing above the threshold in the scale: a short range above it (the bar stays readable).
+        lo, palette = float(threshold), _WARM
+        hi = max(hi, lo + max(1e-6, 0.05 * abs(lo)))
+    norm = ((amap - np.float32(lo)) / np.float32(hi - lo) if hi > lo
             else np.zeros(np.shape(amap), np.float32))
     image_rgb = np.asarray(image_rgb, np.uint8)
-    blend = (image_rgb * (1 - alpha) + colormap(norm) * alpha).astype(np.uint8)
+    weight = np.full(amap.shape + (1,), alpha, np.float32)
+    if threshold is not None:
+        weight = weight * (amap > threshold)[..., None]
+    blend = (image_rgb * (1 - weight) + colormap(norm, palette) * weight).astype(np.uint8)
     panels = [image_rgb, blend]
     if mask is not None:
         m = np.asarray(mask).astype(bool)
@@ -103,7 +118,7 @@ def overlay(image_rgb: np.ndarray, amap: np.ndarray, mask: np.ndarray | None = N
     x0, y0, x1, y1 = colorbar_box(w, h)
     bar_w = x1 - x0 + 1
     ramp = np.linspace(1, 0, y1 - y0 + 1)[:, None].repeat(bar_w, 1)
-    out.paste(Image.fromarray(colormap(ramp)), (x0, y0))
+    out.paste(Image.fromarray(colormap(ramp, palette)), (x0, y0))
     draw = ImageDraw.Draw(out)
     draw.rectangle((x0, y0, x1, y1), outline=(0, 0, 0))
     for k in range(COLORBAR_TICKS):
@@ -115,7 +130,8 @@ def overlay(image_rgb: np.ndarray, amap: np.ndarray, mask: np.ndarray | None = N
     parts = [caption] if caption else []
     if score is not None:
         parts.append(f"score {score:.4g}")
-    parts.append(f"colours: map {_tick(lo)} .. {_tick(hi)}")
+    parts.append(f"colours: map {_tick(lo)} .. {_tick(hi)}" if threshold is None else
+                 f"colours above the pixel threshold {_tick(lo)} (.. {_tick(hi)})")
     draw.text((4, h + caption_h // 2), "   ".join(parts), fill=(0, 0, 0), font=font, anchor="lm")
     return out
 
@@ -171,6 +187,58 @@ def save_heatmaps(directory: Path, records, maps, masks, count: int, size: int, 
                 ).save(path)
         written.append(path)
     return written
+
+
+REPORT_MIN_SIDE = 256  # report panels: smaller images are upscaled (bilinear) to this
+
+
+def _resize_map(amap: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(np.asarray(amap, np.float32), "F").resize(
+        (size, size), Image.BILINEAR), np.float32)
+
+
+def save_report_panels(directory: Path, records, maps, masks, scores, count: int, size: int, *,
+                       threshold: float | None = None,
+                       pixel_threshold: float | None = None) -> dict[str, list[dict]]:
+    """The report's examples of one category: the `count` defective images with the lowest
+    scores (`misses`) and the good images with the highest (`false_alarms`), each drawn as
+    `image | overlay | ground-truth outline` at least `REPORT_MIN_SIDE` pixels high (colours:
+    the category's map range, or above `pixel_threshold` only) and, with a pixel threshold, its
+    defect mask (`mask_file`). Returns {"misses": [...], "false_alarms": [...]} of dicts with
+    `file`, `image`, `label`, `defect`, `score` (and `verdict` with an image `threshold`)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("*.png"):
+        old.unlink()
+    maps, scores = np.asarray(maps), np.asarray(scores, np.float64)
+    labels = np.array([r.label for r in records])
+    scale = (float(maps.min()), float(maps.max()))
+    side = max(REPORT_MIN_SIDE, size)
+    bad = [i for i in np.argsort(scores, kind="stable") if labels[i]][:count]
+    good = [i for i in np.argsort(-scores, kind="stable") if not labels[i]][:count]
+    out: dict[str, list[dict]] = {"misses": [], "false_alarms": []}
+    for kind, chosen in (("misses", bad), ("false_alarms", good)):
+        for j, i in enumerate(chosen):
+            r = records[i]
+            img = decode_image(Path(r.image_path).read_bytes(), r.image_path).resize(
+                (side, side), Image.BILINEAR)
+            amap = _resize_map(maps[i], side)
+            gt = (np.asarray(Image.fromarray(np.asarray(masks[i], np.uint8) * 255).resize(
+                (side, side), Image.NEAREST)) > 0) if r.label else None
+            defect = (r.defect or "anomalous") if r.label else "good"
+            stem = f"{kind}_{j}_{defect}_{Path(r.image_path).stem}"
+            item = {"file": str(directory / f"{stem}.png"), "image": r.image_path,
+                    "label": int(r.label), "defect": defect, "score": float(scores[i])}
+            if threshold is not None:
+                item["verdict"] = "defective" if scores[i] > threshold else "good"
+            overlay(np.asarray(img), amap, gt, scale=scale, score=float(scores[i]),
+                    caption=f"{r.class_name} / {defect}", threshold=pixel_threshold).save(item["file"])
+            if pixel_threshold is not None:
+                item["mask_file"] = str(directory / f"{stem}_mask.png")
+                Image.fromarray((amap > pixel_threshold).astype(np.uint8) * 255, "L").save(
+                    item["mask_file"])
+            out[kind].append(item)
+    return out
 
 
 # ------------------------------------------------------------------------------ curves

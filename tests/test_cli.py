@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-SUBCOMMANDS = ["convert", "train", "eval", "predict", "parity", "demo", "data"]
+SUBCOMMANDS = ["convert", "train", "eval", "predict", "calibrate", "parity", "demo", "data"]
 
 
 def addinov3(*args):

@@ -4,7 +4,9 @@ folder of mixed-size images, and the demo end to end (quick)."""
 import csv
 import json
 import math
+import re
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -147,6 +149,17 @@ def test_demo_end_to_end_quick(tmp_path):
         assert report["fewshot"][f"{k}_shot"]["mean"]["pixel_auroc"] == entry["mean"]["pixel_auroc"]
     md = (tmp_path / "results.md").read_text()
     assert "| pixel AUROC |" in md and "4-shot" in md and "zero-shot" in md
+    # Decisions at 5% with the 4-shot model: >= 19 calibration images per class beyond the
+    # references, >= 100 held-out test good images; report.html links only files that exist.
+    cal = json.loads((tmp_path / "results_4shot.json").read_text())["datasets"]["synthetic"][
+        "calibration"]
+    assert cal["false_alarm_rate_target"] == 0.05 and cal["mean"]["num_good"] >= 100
+    assert all(r["n"] >= 19 and "false_alarm_rate" in r for r in cal["categories"].values())
+    assert report["decisions"]["num_good"] == cal["mean"]["num_good"]
+    page = (tmp_path / "report.html").read_text()
+    links = re.findall(r'src="([^"]+)"', page)
+    assert links and all((tmp_path / unquote(x)).is_file() for x in links)
+    assert 'class="trained-untrained"' in page and 'class="decisions"' in page
 
 
 def test_demo_with_converted_towers(tiny, tmp_path):

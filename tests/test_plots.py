@@ -96,3 +96,17 @@ def test_heatmaps_one_per_defect_type_with_scores(tmp_path):
     # The default scale is the category's range: the pictures use the whole colour ramp.
     arr = np.asarray(Image.open(written[0]).convert("RGB")).astype(int)[:32, 32:64]
     assert arr.std() > 10
+
+
+def test_threshold_relative_overlay_colours_only_above_the_threshold():
+    img = np.full((40, 40, 3), 128, np.uint8)
+    amap = np.zeros((40, 40), np.float32)
+    amap[10:20, 10:20] = 1.0
+    pic = np.asarray(plots.overlay(img, amap, scale=(0.0, 1.0), threshold=0.5)).astype(int)
+    body = pic[:40, 40:80]  # the overlay panel
+    assert (body[:5, :5] == 128).all()  # below the threshold: the image, unchanged
+    hot = body[12:18, 12:18]
+    assert (hot[..., 0] > hot[..., 2] + 40).all()  # above it: warm colours
+    # nothing above the threshold: still a readable (non-degenerate) colour bar
+    flat = plots.overlay(img, np.zeros((40, 40)), scale=(0.0, 0.1), threshold=0.5)
+    assert np.asarray(flat).std() > 5

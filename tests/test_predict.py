@@ -103,12 +103,12 @@ def test_text_prototypes_are_cached_on_disk(model_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(prompts, "_encode_classes", no_encoding)
     assert run(model_dir, tmp_path / "out2", folder) == 0
-    assert predict.text_cache_dir(model_dir, tmp_path / "o") == model_dir / "text_cache"
+    assert model_io.text_cache_dir(model_dir, tmp_path / "o") == model_dir / "text_cache"
 
 
 def test_text_cache_falls_back_to_the_output_dir(model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(predict.os, "access", lambda *a: False)
-    assert predict.text_cache_dir(model_dir, tmp_path / "o") == tmp_path / "o" / "text_cache"
+    assert model_io.text_cache_dir(model_dir, tmp_path / "o") == tmp_path / "o" / "text_cache"
 
 
 def _bar_column(png: Image.Image, body_width: int, height: int) -> np.ndarray:

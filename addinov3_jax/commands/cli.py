@@ -251,17 +251,63 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict(args: argparse.Namespace) -> int:
-    from addinov3_jax.commands import predict
-
-    fs = None
+def _fewshot_config(args: argparse.Namespace):
+    """The few-shot settings of `--reference` / `--fusion` / `--augment` (None without a bank)."""
     if args.reference is None:
         if args.fusion is not None or args.augment is not None:
             raise UsageError("--fusion and --augment need --reference DIR (a folder of normal images)")
-    else:
-        from addinov3_jax.models import fewshot
+        return None
+    from addinov3_jax.models import fewshot
 
-        fs = fewshot.FewShotConfig(fusion=args.fusion or "add", augment=args.augment or "none")
+    return fewshot.FewShotConfig(fusion=args.fusion or "add", augment=args.augment or "none")
+
+
+def false_alarm_rate(text: str) -> float:
+    """argparse type: a probability strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), e.g. 0.05, got {value}")
+    return value
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from addinov3_jax.commands import calibrate
+
+    record, path = calibrate.calibrate(
+        args.checkpoint, args.class_name, args.good, args.false_alarm_rate,
+        reference=args.reference, shots=args.shots, output=args.output,
+        image_size=args.image_size, batch_size=args.batch_size, fewshot_config=_fewshot_config(args))
+    g = record["good_scores"]
+    print(f"calibrated {args.class_name!r} on {record['n']} good images at a false-alarm rate of "
+          f"{record['alpha']:g}: image threshold {record['image_threshold']:.6g} (the "
+          f"{record['k']}-th smallest score; good scores {g['min']:.4g} .. {g['max']:.4g}), pixel "
+          f"threshold {record['pixel_threshold']:.6g}")
+    if record.get("split") and "bank" in record["split"]:
+        print(f"few-shot bank: {', '.join(record['split']['bank'])} (predict --reference must hold "
+              "exactly these images)")
+    print(f"wrote {path}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from addinov3_jax.commands import predict
+    from addinov3_jax.io import model_dir
+
+    fs = _fewshot_config(args)
+    calibration = identity = None
+    if args.fail_on_defect and args.calibration is None:
+        raise UsageError("--fail-on-defect needs --calibration auto|FILE (the threshold)")
+    if args.calibration is not None:
+        from addinov3_jax import calibration as calib
+
+        directory = model_dir.resolve(args.checkpoint)
+        path = (directory / "calibration" / calib.file_name(args.class_name)
+                if args.calibration == "auto" else Path(args.calibration))
+        calibration = calib.read(path)
+        identity = model_dir.identity(directory)
     from addinov3_jax.runtime import distributed
 
     if args.fsdp > 1 or args.tensor > 1:  # parameters split over fsdp x tensor devices
@@ -272,8 +318,9 @@ def _predict(args: argparse.Namespace) -> int:
     result = predict.predict(model, args.images, args.class_name, args.output,
                              image_size=args.image_size, batch_size=args.batch_size,
                              save_maps=args.save_maps, scale=args.scale,
-                             text_cache_dir=predict.text_cache_dir(args.checkpoint, args.output),
-                             mesh=mesh, reference=args.reference, fewshot_config=fs)
+                             text_cache_dir=model_dir.text_cache_dir(args.checkpoint, args.output),
+                             mesh=mesh, reference=args.reference, fewshot_config=fs,
+                             calibration=calibration, model_identity=identity)
     for item in result.skipped:
         print(f"skipped {item['image']}: {item['error']}", file=sys.stderr)
     for item in result.not_drawn:
@@ -284,6 +331,13 @@ def _predict(args: argparse.Namespace) -> int:
     print(f"wrote heatmaps and scores for {len(result.images)} images to {args.output} "
           f"(colour scale {args.scale}: {lo:.4g} .. {hi:.4g})"
           + (f"; skipped {len(result.skipped)} unreadable (listed in scores.json)" if result.skipped else ""))
+    if calibration is not None:
+        bad = [r for r in result.images if r.get("verdict") == "defective"]
+        print(f"verdicts ({calibration['file']}, image threshold {calibration['image_threshold']:.6g}): "
+              f"{len(bad)} defective, {len(result.images) - len(bad)} good; masks in "
+              f"{Path(args.output) / 'masks'}")
+        if args.fail_on_defect and bad:
+            return 3
     return 0
 
 
@@ -415,8 +469,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --reference: add = zero-shot + few-shot/2 (default), none = few-shot only")
     p.add_argument("--augment", choices=tuple(fewshot.AUGMENTS), default=None,
                    help="with --reference: views of each reference image in the bank (default none)")
+    p.add_argument("--calibration", default=None, metavar="auto|FILE",
+                   help="verdicts, normalized scores, masks/ and defect regions from a calibration "
+                        "(auto: <model dir>/calibration/<class>.json, from addinov3 calibrate)")
+    p.add_argument("--fail-on-defect", action="store_true",
+                   help="with --calibration: exit status 3 when any image is defective")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.set_defaults(run=_predict)
+
+    p = sub.add_parser("calibrate", help="a threshold with a guaranteed false-alarm rate, from good images",
+                       description="Split-conformal calibration: scores the good images with the "
+                                   "predict path and stores the image and pixel thresholds at which a "
+                                   "new good image is flagged with probability <= the false-alarm "
+                                   "rate, as calibration/<class>.json in the model directory.")
+    p.add_argument("--checkpoint", required=True, help="a model dir or a training workdir")
+    p.add_argument("--class-name", required=True, type=non_empty)
+    p.add_argument("--good", required=True, metavar="DIR",
+                   help="a folder of good images of the class (never the few-shot bank's)")
+    p.add_argument("--false-alarm-rate", required=True, type=false_alarm_rate, metavar="A",
+                   help="e.g. 0.05; needs at least ceil(1/A) - 1 good images (19 for 0.05)")
+    p.add_argument("--reference", default=None, metavar="DIR",
+                   help="few-shot bank (as predict --reference); the --good folder itself is split: "
+                        "its first --shots images form the bank, the rest calibrate")
+    p.add_argument("--shots", type=positive_int, default=4,
+                   help="bank size when --reference is the --good folder (default 4)")
+    p.add_argument("--fusion", choices=fewshot.FUSIONS, default=None)
+    p.add_argument("--augment", choices=tuple(fewshot.AUGMENTS), default=None)
+    p.add_argument("--output", default=None, metavar="FILE",
+                   help="write here instead of <model dir>/calibration/<class>.json")
+    p.add_argument("--image-size", type=patch_multiple, default=512)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.set_defaults(run=_calibrate)
 
     from addinov3_jax.commands.export import baked_in
 
@@ -435,15 +518,17 @@ def build_parser() -> argparse.ArgumentParser:
         + "\n  (few-shot bank with --reference, verdict with --calibration; StableHLO keeps the "
           "arrays in weights.safetensors, passed as arguments)")
     p.add_argument("--checkpoint", required=True, help="a model dir or a training workdir")
-    p.add_argument("--class-name", required=True, help="the object word for the prompts")
+    p.add_argument("--class-name", required=True, type=non_empty,
+                   help="the object word for the prompts")
     p.add_argument("--format", choices=["onnx", "stablehlo"], required=True)
-    p.add_argument("--image-size", type=int, default=512,
+    p.add_argument("--image-size", type=patch_multiple, default=512,
                    help="S: the exported input size, a multiple of the patch size (default 512)")
     p.add_argument("--output", required=True, help="directory to write (created atomically)")
     p.add_argument("--reference", default=None, metavar="DIR",
                    help="few-shot: normal images of the class; their memory bank is baked in")
-    p.add_argument("--fusion", choices=["add", "none"], default=None, help="with --reference, as predict")
-    p.add_argument("--augment", choices=["none", "flip", "rot90", "dihedral"], default=None,
+    p.add_argument("--fusion", choices=fewshot.FUSIONS, default=None,
+                   help="with --reference, as predict")
+    p.add_argument("--augment", choices=tuple(fewshot.AUGMENTS), default=None,
                    help="with --reference, as predict")
     p.add_argument("--calibration", default=None, metavar="auto|FILE",
                    help="JSON with image_threshold and pixel_threshold (auto: <model>/calibration/"

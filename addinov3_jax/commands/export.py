@@ -277,9 +277,10 @@ def _read_calibration(calibration, checkpoint, class_name: str) -> dict[str, Any
         return None
     path = Path(calibration)
     if str(calibration) == "auto":
+        from addinov3_jax import calibration as calib
         from addinov3_jax.io import model_dir
 
-        path = model_dir.resolve(checkpoint) / "calibration" / f"{class_name}.json"
+        path = model_dir.resolve(checkpoint) / "calibration" / calib.file_name(class_name)
         if not path.is_file():
             raise ExportError(f"--calibration auto: {path} does not exist (run `addinov3 calibrate` "
                               "for this class, or give a JSON file)")

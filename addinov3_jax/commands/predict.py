@@ -15,6 +15,13 @@ output clears what a killed run left and removes the heatmaps / maps of inputs i
 Large photos are decoded at reduced scale (`decode_image(max_side=...)`) and their full-size maps
 are never held in memory (`map_max`, `save_full_map` work a block of rows at a time).
 
+Calibrated (`calibration`, from `addinov3 calibrate`): every row gains `verdict` (score >
+image threshold: "defective") and `normalized_score` (`calibration.NORMALIZED_SCORE`, the
+threshold at 0.5); `masks/<name>.png` holds map > pixel threshold at the image's size and the
+row's `regions` its 8-connected components (box, area, peak); heatmaps colour only what lies
+above the pixel threshold. (The mask and regions need the full-size map of one image at a time.)
+`report.html` shows the rows with their heatmaps and masks.
+
 Unreadable inputs are skipped and reported (printed, and listed in `scores.json`); the run fails
 only when nothing could be read.
 
@@ -42,26 +49,28 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from addinov3_jax import plots
+from addinov3_jax import calibration as calib
+from addinov3_jax import plots, reporting
 from addinov3_jax.data import references
-from addinov3_jax.data.pipeline import load_images, preprocess_image
 from addinov3_jax.data.records import IMAGE_SUFFIXES, DataError, decode_image
-from addinov3_jax.data.records import image_size as image_size_of
 from addinov3_jax.io import model_dir
 from addinov3_jax.io import workdir as workdir_io
 from addinov3_jax.models import fewshot, sharding
 from addinov3_jax.models import model as ad
-from addinov3_jax.runtime import distributed
-from addinov3_jax.runtime.inference import Predictor, pad_rows
+from addinov3_jax.runtime import distributed, inference
+from addinov3_jax.runtime.inference import Predictor, map_max
 
 SCALES = ("run", "fixed")
 CSV_FIELDS = ("image", "name", "score", "max_pixel", "width", "height")
+CALIBRATED_FIELDS = ("verdict", "normalized_score", "defect_regions")  # with a calibration
 PENDING = ".pending_maps"  # network-resolution maps waiting for the run's colour scale (per run)
 # Heatmaps of larger images are drawn with the longest side reduced to this (the scores, the
 # `max_pixel` column and `maps/*.npy` stay at the original size).
@@ -141,25 +150,18 @@ def load_model(checkpoint: str | os.PathLike, mesh=None,
     return model_dir.load(model_dir.resolve(checkpoint), mesh=mesh, rules=rules)
 
 
-def text_cache_dir(checkpoint: str | os.PathLike, output: str | os.PathLike) -> Path:
-    """Where the text prototypes are cached: `<model dir>/text_cache` when writable, else
-    `<output>/text_cache`."""
-    candidate = model_dir.resolve(checkpoint) / "text_cache"
-    try:
-        candidate.mkdir(exist_ok=True)
-        if os.access(candidate, os.W_OK):
-            return candidate
-    except OSError:
-        pass
-    return Path(output) / "text_cache"
-
-
 def predict(model: ad.ADDinoV3, inputs, class_name: str, output: str | os.PathLike, *,
             image_size: int = 512, batch_size: int = 8, save_maps: bool = False,
             scale: str = "run", text_cache_dir: str | os.PathLike | None = None,
             mesh=None, reference: str | os.PathLike | None = None,
-            fewshot_config: fewshot.FewShotConfig | None = None) -> Prediction:
+            fewshot_config: fewshot.FewShotConfig | None = None,
+            calibration: dict | None = None, model_identity: dict | None = None) -> Prediction:
     """Maps and scores for `inputs` (files / folders); see the module docstring for the outputs.
+
+    `calibration` (a record of `calibration.read`): every row gains `verdict` and
+    `normalized_score`, `masks/<name>.png` and `regions` (pixel threshold); it is refused before
+    anything is computed when `model_identity` (`model_dir.identity`), the image size, the score
+    mode or the few-shot bank differ from the calibration's.
 
     Runs `inference.Predictor` on `mesh` (default: the devices that split `batch_size` evenly).
     `reference`: a folder of normal images of the class; their memory bank (settings:
@@ -172,13 +174,32 @@ def predict(model: ad.ADDinoV3, inputs, class_name: str, output: str | os.PathLi
     check_arguments(scale=scale, image_size=image_size, batch_size=batch_size,
                     patch_size=cfg.patch_size, reference=reference)
     out = Path(output)
+    if calibration is not None:
+        calib.check_compatible(calibration, identity=model_identity or {}, settings=run_settings(
+            model, class_name, image_size, reference, fewshot_config))
     paths, skipped = expand(inputs, exclude=out)
     workdir_io.ensure_writable(out, "--output")
     with workdir_io.WorkdirLock(out, command="predict"):
         return _predict(model, paths, skipped, class_name, out, image_size=image_size,
                         batch_size=batch_size, save_maps=save_maps, scale=scale,
                         text_cache_dir=text_cache_dir, mesh=mesh, reference=reference,
-                        fewshot_config=fewshot_config)
+                        fewshot_config=fewshot_config, calibration=calibration)
+
+
+def run_settings(model: ad.ADDinoV3, class_name: str, image_size: int, reference=None,
+                 fewshot_config: fewshot.FewShotConfig | None = None) -> dict:
+    """The settings of a run that change its scores (what a calibration must share with it);
+    the bank is described by its files' checksums, without computing it."""
+    ref = None
+    if reference is not None:
+        refs = references.reference_paths(reference)
+        fs = fewshot_config or fewshot.FewShotConfig()
+        ref = {"folder": str(reference), "count": len(refs), "images": [str(p) for p in refs],
+               "sha256": [inference.file_sha256(p) for p in refs],
+               "settings": {k: v for k, v in dataclasses.asdict(fs).items()
+                            if k not in ("shots", "seeds")}}
+    return {"class_name": class_name, "image_size": image_size,
+            "image_score": model.config.image_score, "reference": ref}
 
 
 def check_arguments(*, scale: str, image_size: int, batch_size: int, patch_size: int = 16,
@@ -197,14 +218,16 @@ def check_arguments(*, scale: str, image_size: int, batch_size: int, patch_size:
 
 
 def _predict(model, paths, skipped, class_name, out: Path, *, image_size, batch_size, save_maps,
-             scale, text_cache_dir, mesh, reference, fewshot_config) -> Prediction:
+             scale, text_cache_dir, mesh, reference, fewshot_config, calibration) -> Prediction:
     from tqdm.auto import tqdm
 
-    cfg = model.backbone.config
     previous = _clear_leftovers(out)
     (out / "heatmaps").mkdir(parents=True, exist_ok=True)
     if save_maps:
         (out / "maps").mkdir(parents=True, exist_ok=True)
+    pixel_threshold = calibration["pixel_threshold"] if calibration else None
+    if pixel_threshold is not None:
+        (out / "masks").mkdir(parents=True, exist_ok=True)
     pending = out / f"{PENDING}.{os.getpid()}"  # this run's own
     if scale == "run":
         pending.mkdir(exist_ok=True)
@@ -212,60 +235,43 @@ def _predict(model, paths, skipped, class_name, out: Path, *, image_size, batch_
                           fewshot_config=fewshot_config)
     bank, ref_info = None, None
     if reference is not None:
-        refs = references.reference_paths(reference)
-        bank = predictor.build_bank(load_images(refs, image_size, cfg.pixel_mean, cfg.pixel_std),
-                                    batch_size=batch_size)
-        fs = predictor.fewshot
-        ref_info = {"folder": str(reference), "count": len(refs), "augment": fs.augment,
-                    "fusion": fs.fusion, "fusion_weight": fs.fusion_weight,
-                    "bank_rows": bank.rows, "images": [str(p) for p in refs]}
+        bank, ref_info = inference.reference_bank(
+            predictor, references.reference_paths(reference), image_size=image_size,
+            batch_size=batch_size, folder=reference)
     # (1, E, 2), once per class (cached on disk); nothing to encode when no input is an image.
     table = predictor.text_table([class_name], cache_dir=text_cache_dir) if paths else None
-    class_ids = np.zeros(batch_size, np.int32)
     names = _unique_names(paths)
     rows: list[dict] = []
     not_drawn: list[dict] = []
     lo, hi = np.inf, -np.inf
     complete = False
     partial = out / f".scores.csv.{os.getpid()}.partial"  # renamed to scores.csv at the end
-    decoded: list[tuple[list[Path], list, list]] = []  # host-side images of the batch in flight
-
-    def batches():
-        for start in range(0, len(paths), batch_size):
-            chunk, originals, sizes = [], [], []
-            for p in paths[start : start + batch_size]:
-                try:
-                    data = p.read_bytes()
-                    originals.append(decode_image(data, str(p), max_side=DISPLAY_MAX_SIDE))
-                    sizes.append(image_size_of(data, str(p)))
-                    chunk.append(p)
-                except (DataError, OSError) as e:
-                    skipped.append({"image": str(p), "error": _read_error(p, e)})
-            if not chunk:
-                continue
-            decoded.append((chunk, originals, sizes))
-            images = np.stack([preprocess_image(im, image_size, cfg.pixel_mean, cfg.pixel_std)
-                               for im in originals])
-            yield {"image": pad_rows(images, batch_size), "class_id": class_ids,  # one shape
-                   "valid": (np.arange(batch_size) < len(chunk)).astype(np.int32)}
+    fields = CSV_FIELDS + (CALIBRATED_FIELDS if calibration else ())
+    draw = functools.partial(_draw_safely, threshold=pixel_threshold)
 
     try:
         # surrogateescape: file names that are not valid UTF-8 are written back as their bytes
         with open(partial, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
-            for result in tqdm(predictor.run(batches(), table, bank=bank), desc="predict",
-                               unit="batch", total=-(-len(paths) // batch_size), disable=not paths):
-                chunk, originals, sizes = decoded.pop(0)
-                maps, scores = result["maps"], result["scores"]
+            results = inference.predict_files(predictor, paths, table, image_size=image_size,
+                                              batch_size=batch_size, bank=bank, skipped=skipped,
+                                              max_side=DISPLAY_MAX_SIDE)
+            for result in tqdm(results, desc="predict", unit="batch",
+                               total=-(-len(paths) // batch_size), disable=not paths):
+                originals, maps = result["originals"], result["maps"]
                 batch_rows = []
-                for p, (w, h), m, s in zip(chunk, sizes, maps, scores, strict=True):
+                for p, (w, h), m, s in zip(result["paths"], result["sizes"], maps, result["scores"],
+                                           strict=True):
                     name = names[p]
                     if save_maps:
                         with workdir_io.write_guard(out / "maps"):
                             save_full_map(out / "maps" / f"{name}.npy", m, h, w)
                     row = {"image": str(p), "name": name, "score": float(s),
                            "max_pixel": map_max(m, h, w), "width": w, "height": h}
+                    if calibration:
+                        with workdir_io.write_guard(out / "masks"):
+                            _decide(row, m, calibration, out)
                     if scale == "run":
                         with workdir_io.write_guard(pending):
                             np.save(pending / f"{name}.npy", m)
@@ -277,14 +283,14 @@ def _predict(model, paths, skipped, class_name, out: Path, *, image_size, batch_
                 rows += batch_rows
                 if scale == "fixed":  # after the rows are kept: drawing never loses a result
                     for im, row, m in zip(originals, batch_rows, maps, strict=True):
-                        _draw_safely(out, row, m, class_name, (0.0, 1.0), not_drawn, image=im)
+                        draw(out, row, m, class_name, (0.0, 1.0), not_drawn, image=im)
         complete = True
     finally:  # also after a crash or Ctrl-C: index, then draw, every finished map
         used = (0.0, 1.0) if scale == "fixed" or not rows else (lo, hi)
         if partial.exists():
             os.replace(partial, out / "scores.csv")
         index = functools.partial(_write_index, out, model, class_name, scale, used, ref_info,
-                                  rows, skipped, not_drawn)
+                                  rows, skipped, not_drawn, calibration)
         index(complete)
         if scale == "run":
             for row in rows:
@@ -293,12 +299,13 @@ def _predict(model, paths, skipped, class_name, out: Path, *, image_size, batch_
                 except (OSError, ValueError) as e:
                     not_drawn.append({"image": row["image"], "error": f"map lost ({e})"})
                     continue
-                _draw_safely(out, row, m, class_name, used, not_drawn)
+                draw(out, row, m, class_name, used, not_drawn)
             shutil.rmtree(pending, ignore_errors=True)
         if not_drawn:
             index(complete)
         if complete:
             _remove_stale(out, previous, {r["name"] for r in rows})
+        _write_report(out)
     if not rows:
         first = skipped[0] if skipped else {"image": "-", "error": "no input"}
         raise DataError(f"none of the {len(skipped)} input(s) could be read (first: {first['image']}: "
@@ -306,19 +313,47 @@ def _predict(model, paths, skipped, class_name, out: Path, *, image_size, batch_
     return Prediction(rows, skipped, used, not_drawn)
 
 
-def _read_error(path: Path, e: Exception) -> str:
-    """Why an input could not be read, without repeating its path."""
-    text = str(e) if isinstance(e, DataError) else (getattr(e, "strerror", None) or str(e))
-    return text.removeprefix(f"{path}: ")
+def _write_report(out: Path) -> None:
+    """`report.html` from `scores.json` (a failure is a warning: every result is already kept)."""
+    try:
+        reporting.write(out / "report.html", reporting.predict_page(
+            out, json.loads((out / "scores.json").read_text())))
+    except Exception as e:  # noqa: BLE001 - the page is a view of files already written
+        warnings.warn(f"{out / 'report.html'} not written: {_one_line(e)}", stacklevel=2)
+
+
+def _decide(row: dict, amap: np.ndarray, calibration: dict, out: Path) -> None:
+    """`verdict`, `normalized_score` and, with a pixel threshold, `masks/<name>.png` (map >
+    pixel threshold at the image's size) and the defect `regions` of one row."""
+    t = calibration["image_threshold"]
+    row["verdict"] = calib.verdict(row["score"], t)
+    row["normalized_score"] = calib.normalized_score(row["score"], t,
+                                                     calibration["good_scores"]["min"])
+    thr = calibration.get("pixel_threshold")
+    if thr is None:
+        return
+    full = ad.resize_map(amap, row["height"], row["width"])
+    mask = calib.defect_mask(full, thr)
+    row["regions"] = calib.regions(mask, full)
+    row["defect_regions"] = len(row["regions"])
+    picture = Image.fromarray(mask.astype(np.uint8) * 255, "L")
+    workdir_io.atomic_write(out / "masks" / f"{row['name']}.png",
+                            lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def _write_index(out: Path, model, class_name, scale, used, ref_info, rows, skipped, not_drawn,
-                 complete: bool) -> None:
-    workdir_io.atomic_write_text(out / "scores.json", workdir_io.strict_json({
-        "class_name": class_name, "image_score": model.config.image_score,
-        "scale": {"mode": scale, "min": used[0], "max": used[1]}, "complete": complete,
-        "reference": ref_info, "images": rows, "skipped": skipped, "not_drawn": not_drawn},
-        indent=2) + "\n")
+                 calibration, complete: bool) -> None:
+    index = {"class_name": class_name, "image_score": model.config.image_score,
+             "scale": {"mode": scale, "min": used[0], "max": used[1]}, "complete": complete,
+             "reference": ref_info, "images": rows, "skipped": skipped, "not_drawn": not_drawn}
+    if calibration:
+        index["calibration"] = {
+            "file": calibration.get("file"), "alpha": calibration["alpha"], "n": calibration["n"],
+            "image_threshold": calibration["image_threshold"],
+            "pixel_threshold": calibration.get("pixel_threshold"),
+            "normalized_score": calib.NORMALIZED_SCORE,
+            "defective": sum(r.get("verdict") == "defective" for r in rows)}
+    workdir_io.atomic_write_text(out / "scores.json", workdir_io.strict_json(index, indent=2) + "\n")
 
 
 def _clear_leftovers(out: Path) -> set[str]:
@@ -342,16 +377,12 @@ def _remove_stale(out: Path, previous: set[str], current: set[str]) -> None:
     have: removed, so the folder matches `scores.json`."""
     for name in previous - current:
         (out / "heatmaps" / f"{name}.png").unlink(missing_ok=True)
+        (out / "masks" / f"{name}.png").unlink(missing_ok=True)
         (out / "maps" / f"{name}.npy").unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # Maps at the original size, without full-size copies; heatmaps at a bounded display size
-
-
-def map_max(amap: np.ndarray, height: int, width: int) -> float:
-    """max of the map upsampled to (height, width), a block of rows at a time."""
-    return max(float(block.max()) for _, block in ad.resize_map_rows(amap, height, width))
 
 
 def save_full_map(path: Path, amap: np.ndarray, height: int, width: int) -> None:
@@ -368,16 +399,19 @@ def save_full_map(path: Path, amap: np.ndarray, height: int, width: int) -> None
 
 
 def _draw_safely(out: Path, row: dict, amap: np.ndarray, class_name: str,
-                 scale: tuple[float, float], not_drawn: list[dict], image=None) -> None:
+                 scale: tuple[float, float], not_drawn: list[dict], image=None,
+                 threshold: float | None = None) -> None:
     """The heatmap of `row` (its image decoded again unless given, at most `DISPLAY_MAX_SIDE`
-    on its longest side); a failure is noted in `not_drawn`, never raised: the scores are kept."""
+    on its longest side; with a pixel `threshold`, coloured only above it); a failure is noted
+    in `not_drawn`, never raised: the scores are kept."""
     try:
         if image is None:
             image = decode_image(Path(row["image"]).read_bytes(), row["image"],
                                  max_side=DISPLAY_MAX_SIDE)
         w, h = image.size
+        caption = f"{row['name']} ({class_name})" + (f", {row['verdict']}" if "verdict" in row else "")
         picture = plots.overlay(np.asarray(image), ad.resize_map(amap, h, w), scale=scale,
-                                score=row["score"], caption=f"{row['name']} ({class_name})")
+                                score=row["score"], caption=caption, threshold=threshold)
         workdir_io.atomic_write(out / "heatmaps" / f"{row['name']}.png",
                                 lambda tmp: picture.save(tmp, format="PNG"))
     except Exception as e:  # noqa: BLE001 - any drawing failure: note it, keep the scores

@@ -49,3 +49,16 @@ def reference_paths(directory: str | os.PathLike) -> list[Path]:
         raise DataError(f"{directory}: no reference images (expected .png/.jpg/... files of "
                         "normal samples of the class)")
     return paths
+
+
+def calibration_records(records: Sequence[Record], bank: Sequence[Record] = ()) -> list[Record]:
+    """The normal train-split records of one class that may calibrate a threshold: every one
+    that is not a few-shot reference of the `bank` (those score unrealistically low against it),
+    sorted by path. Test-split records are refused."""
+    bad = [r.image_path for r in records if r.split != "train"]
+    if bad:
+        raise DataError(f"calibration images must come from the train split; got {len(bad)} "
+                        f"record(s) of another split, e.g. {bad[0]}")
+    in_bank = {os.path.realpath(r.image_path) for r in bank}
+    return sorted((r for r in records if r.label == 0 and os.path.realpath(r.image_path) not in in_bank),
+                  key=lambda r: r.image_path)

@@ -11,6 +11,7 @@ masks: scratches, cracks, holes, stains, missing material, extra material and co
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -182,17 +183,26 @@ def generate(
     *,
     categories=CATEGORIES,
     size: int = 128,
-    normal: int = 10,
+    normal: int | Mapping[str, int] = 10,
     per_defect: int = 8,
-    train_normal: int = 8,
+    train_normal: int | Mapping[str, int] = 8,
     seed: int = 0,
 ) -> Path:
     """Writes the dataset under `root` (MVTec layout) and returns it. Same arguments, same bytes.
 
-    The train/good images (few-shot references) come from their own random stream, so their
+    `normal` (test/good) and `train_normal` (train/good) take one count for every category or a
+    mapping per category (missing categories: the defaults 10 and 8). The train/good images
+    (few-shot references, calibration images) come from their own random stream, so their
     number never changes the test images.
     """
     root = Path(root)
+    counts = {"normal": normal, "train_normal": train_normal}
+    defaults = {"normal": 10, "train_normal": 8}
+
+    def count(name: str, cat: str) -> int:
+        value = counts[name]
+        return value.get(cat, defaults[name]) if isinstance(value, Mapping) else value
+
     for ci, cat in enumerate(categories):
         rng = np.random.default_rng([seed, ci])
         train_rng = np.random.default_rng([seed, ci, 1])
@@ -202,9 +212,9 @@ def generate(
                 return _texture(cat, rng, size), None
             return _object(cat, rng, size)
 
-        for i in range(train_normal):
+        for i in range(count("train_normal", cat)):
             _save(root / cat / "train" / "good" / f"{i:03d}.png", render(train_rng)[0])
-        for i in range(normal):
+        for i in range(count("normal", cat)):
             _save(root / cat / "test" / "good" / f"{i:03d}.png", render()[0])
         for defect in DEFECTS[cat]:
             for i in range(per_defect):

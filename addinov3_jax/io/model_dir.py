@@ -146,3 +146,35 @@ def resolve(checkpoint: str | os.PathLike) -> Path:
             return candidate
     raise FileNotFoundError(f"{path}: neither a model directory ({MODEL_FILE}) nor a training "
                             "workdir with model/ inside")
+
+
+def identity(directory: str | os.PathLike) -> dict[str, Any]:
+    """What makes a model directory's scores what they are, without reading a parameter: the file
+    checksums of its three parts (from their `addinov3.json`), the head config and the text
+    activation. Two directories with equal identities compute the same maps."""
+    directory = resolve(directory)
+    spec = json.loads((directory / MODEL_FILE).read_text())
+    out: dict[str, Any] = {}
+    for part in ("backbone", "text_tower", "adapters"):
+        where = Path(spec[part]) if Path(spec[part]).is_absolute() else directory / spec[part]
+        try:
+            meta = json.loads((where / checkpoint_io.METADATA_FILE).read_text())
+        except (OSError, ValueError) as e:
+            raise checkpoint_io.CheckpointError(f"{where}: unreadable metadata ({e})") from e
+        out[part] = dict(sorted(meta.get("files", {}).items()))
+    out["head"] = spec.get("head", {})
+    out["text_activation"] = spec.get("text_activation")
+    return out
+
+
+def text_cache_dir(checkpoint: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """Where the text prototypes are cached: `<model dir>/text_cache` when writable, else
+    `<output>/text_cache`."""
+    candidate = resolve(checkpoint) / "text_cache"
+    try:
+        candidate.mkdir(exist_ok=True)
+        if os.access(candidate, os.W_OK):
+            return candidate
+    except OSError:
+        pass
+    return Path(output) / "text_cache"

@@ -16,6 +16,15 @@ then adds `"shots"` and `"seeds"` at the top level; per dataset, `categories` an
 means over the seeds, `per_seed` holds each seed's `categories` and `mean`, `mean_std` the
 standard deviation over seeds of the dataset means, and `references` the reference images drawn
 per class and seed. Heatmaps and curves show the first seed.
+
+Decisions (`false_alarm_rate` = alpha > 0): each class is calibrated (`calibration.calibrate`,
+split-conformal) on its **train** split normal images that are not few-shot references (never
+test images), and each dataset entry gains `calibration`: per class the thresholds and, on the
+test images, the false-alarm rate on the good ones (with its 95% interval), the detection rate on
+the defective ones and the confusion counts, next to the same pair at the F1-optimal threshold
+(which needs the labels); `mean` averages the rates over classes. Few-shot: the first seed's bank.
+The METRICS rows are unchanged. `report.html` (`reporting.eval_page`) shows the tables, the
+curves and per class the misses and false alarms with their heatmaps.
 """
 
 from __future__ import annotations
@@ -31,8 +40,9 @@ import jax
 import numpy as np
 from PIL import Image
 
+from addinov3_jax import calibration as calib
 from addinov3_jax import config as config_lib
-from addinov3_jax import metrics, plots
+from addinov3_jax import metrics, plots, reporting
 from addinov3_jax.data import pipeline, readers
 from addinov3_jax.data import references as references_lib
 from addinov3_jax.data.records import DataError, Record, decode_mask
@@ -59,6 +69,8 @@ class EvalOptions:
     fpr_limit: float = 0.3
     worker_count: int = 0
     text_cache_dir: str | None = None
+    false_alarm_rate: float = 0.0  # > 0: calibrate each class on its train/good images
+    report_examples: int = 3  # misses and false alarms per class in report.html
 
 
 def preprocess_for(predictor: Predictor, words: Sequence[str], opts: EvalOptions,
@@ -184,7 +196,8 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
              config: dict | None = None, on_bad_sample: str = "error",
              results_name: str = "results", mesh=None, rules=sharding.DEFAULT_RULES,
              curves_out: dict | None = None, curves_compare: dict | None = None,
-             curves_name: str = "", fewshot_config: fewshot.FewShotConfig | None = None) -> dict:
+             curves_name: str = "", fewshot_config: fewshot.FewShotConfig | None = None,
+             panels_out: dict | None = None) -> dict:
     """Evaluates `model` on each `(dataset name, root)` or `(name, root, classes)`, on `mesh`
     (default: `distributed.default_mesh(batch_size)`); process 0 writes `{results_name}.json`,
     `.md`,
@@ -195,6 +208,7 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
     `shots=0` is the zero-shot evaluation.
     `curves_out` (a dict) receives each category's curves keyed by (dataset, class);
     `curves_compare` maps such keys to `{run name: curves}` drawn beside this run (`curves_name`).
+    `panels_out` (a dict) receives the report's example pictures keyed by (dataset, class).
     """
     opts = opts or EvalOptions()
     out_dir = Path(out_dir)
@@ -205,6 +219,7 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
     seeds = fewshot_config.seeds if shots else (None,)
     predictor = Predictor(model, mesh or distributed.default_mesh(opts.batch_size), rules, fewshot_config)
     results: dict = {"datasets": {}, "config": config or {}, "shots": shots}
+    panels: dict = {}  # (dataset, class) -> the report's example pictures
     if shots:
         results["seeds"] = list(seeds)
     for name, root, *own in datasets:
@@ -218,8 +233,10 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
         per_class: dict[str, list[Record]] = {}
         for r in records:
             per_class.setdefault(r.class_folder, []).append(r)
+        alpha = opts.false_alarm_rate
         normals = _reference_pool(name, root, records, tuple(sorted(per_class)),
-                                  on_bad_sample) if shots else {}
+                                  on_bad_sample) if shots or alpha else {}
+        decisions: dict = {}
         per_seed: dict = {seed: {} for seed in seeds}
         references: dict = {}
         notes = {}
@@ -228,7 +245,7 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
             labels = np.array([r.label for r in recs])
             has_masks = all(r.has_mask for r in recs if r.label)
             for i, seed in enumerate(seeds):
-                bank = None
+                bank, refs = None, []
                 if shots:
                     refs = references_lib.sample_references(normals.get(cls, []), shots, seed)
                     references.setdefault(cls, {})[str(seed)] = [r.image_path for r in refs]
@@ -239,6 +256,10 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
                 desc = f"{name}/{cls}" + (f" ({shots}-shot, seed {seed})" if shots else "")
                 maps, scores, masks = predict_records(predictor, recs, words, opts, spec,
                                                       desc=desc, bank=bank)
+                good = None  # calibration scores: every process takes part, first seed only
+                if alpha and not i:
+                    good = _calibration_scores(predictor, references_lib.calibration_records(
+                        normals.get(cls, []), refs), words, opts, spec, bank, alpha)
                 if not is_main:  # metrics and pictures on process 0
                     continue
                 if opts.resolution == "original":
@@ -249,10 +270,19 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
                 per_seed[seed][cls], cat_notes, cat_curves = category_metrics(
                     labels, scores, pmasks, pmaps, has_masks=has_masks, fpr_limit=opts.fpr_limit,
                     curves=draw)
-                if i:  # pictures and notes of the first seed
+                if i:  # pictures, notes and decisions of the first seed
                     continue
                 if cat_notes:
                     notes[cls] = cat_notes
+                decision = None
+                if alpha:
+                    decision = decisions[cls] = _decide(good, alpha, labels, scores, maps)
+                examples = plots.save_report_panels(
+                    out_dir / "report" / name / cls, recs, maps, masks, scores,
+                    opts.report_examples, opts.image_size,
+                    threshold=decision and decision.get("image_threshold"),
+                    pixel_threshold=decision and decision.get("pixel_threshold"))
+                panels[(name, cls)] = examples
                 if opts.heatmaps_per_category:
                     plots.save_heatmaps(out_dir / "heatmaps" / name / cls, recs, maps, masks,
                                         opts.heatmaps_per_category, opts.image_size, scores=scores)
@@ -273,6 +303,9 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
         else:
             cats = per_seed[None]
             entry = {"categories": cats, "mean": mean_metrics(cats)}
+        if alpha and is_main:
+            entry["calibration"] = {"false_alarm_rate_target": alpha, "seed": seeds[0],
+                                    "categories": decisions, "mean": _decision_mean(decisions)}
         if notes:
             entry["notes"] = notes
         if report.skipped or report.duplicates:
@@ -284,7 +317,72 @@ def evaluate(model: ad.ADDinoV3, datasets: Sequence[tuple], out_dir: str | os.Pa
         workdir_lib.atomic_write_text(out_dir / f"{results_name}.json",
                                      workdir_lib.strict_json(results, indent=2) + "\n")
         workdir_lib.atomic_write_text(out_dir / f"{results_name}.md", markdown(results))
+        page = out_dir / ("report.html" if results_name == "results" else f"{results_name}_report.html")
+        reporting.write(page, reporting.eval_page(results, out_dir, panels))
+    if panels_out is not None:
+        panels_out.update(panels)
     return results
+
+
+DECISION_RATES = ("false_alarm_rate", "detection_rate", "f1_false_alarm_rate", "f1_detection_rate",
+                  "pixel_false_alarm_rate")
+
+
+def _calibration_scores(predictor, pool: Sequence[Record], words, opts: EvalOptions, spec, bank,
+                        alpha: float) -> tuple[np.ndarray, np.ndarray] | int:
+    """(image scores, max map values) of one class's calibration images `pool` (fused with the
+    few-shot `bank`), or their count when too few to calibrate at `alpha` (nothing computed)."""
+    if len(pool) < calib.min_good_images(alpha):
+        return len(pool)
+    maps, scores, _ = predict_records(predictor, pool, words, opts, spec, desc="calibrate", bank=bank)
+    return scores, maps.reshape(len(pool), -1).max(axis=1)
+
+
+def _decide(good, alpha: float, labels, scores, maps) -> dict:
+    """One class's calibration on its good images' (scores, max map values) `good` and what its
+    thresholds achieve on the test images (`labels`, `scores`, `maps`), next to the F1-optimal
+    threshold's pair."""
+    n = good if isinstance(good, int) else len(good[0])
+    row: dict = {"n": n}
+    try:
+        if isinstance(good, int):
+            calib.conformal_threshold([0.0] * n, alpha)  # raises with the reason
+        record = calib.calibrate(good[0], good[1], alpha)
+    except calib.CalibrationError as e:
+        row["note"] = str(e)
+        return row
+    labels = np.asarray(labels)
+    at = calib.rates(labels, scores, record["image_threshold"])
+    f1_t = calib.f1_optimal_threshold(labels, scores)
+    f1 = calib.rates(labels, scores, f1_t) if not math.isnan(f1_t) else None
+    good_max = np.asarray(maps).reshape(len(labels), -1).max(axis=1)[labels == 0]
+    row.update(k=record["k"], image_threshold=record["image_threshold"],
+               pixel_threshold=record["pixel_threshold"], num_good=int((labels == 0).sum()),
+               num_defective=int((labels == 1).sum()), false_alarm_rate=at["false_alarm_rate"],
+               false_alarm_ci95=at["false_alarm_ci95"], detection_rate=at["detection_rate"],
+               confusion=at["confusion"],
+               pixel_false_alarm_rate=float((good_max > record["pixel_threshold"]).mean())
+               if len(good_max) else math.nan,
+               f1_threshold=f1_t, f1_false_alarm_rate=f1["false_alarm_rate"] if f1 else math.nan,
+               f1_detection_rate=f1["detection_rate"] if f1 else math.nan,
+               f1_confusion=f1["confusion"] if f1 else None)
+    return row
+
+
+def _decision_mean(decisions: dict) -> dict:
+    """Unweighted mean of each rate over the calibrated classes (NaN left out), and the pooled
+    false-alarm rate over all their test good images with its 95% interval."""
+    rows = [r for r in decisions.values() if "false_alarm_rate" in r]
+    out: dict = {"classes": len(rows)}
+    for k in DECISION_RATES:
+        vals = [r[k] for r in rows if not math.isnan(r[k])]
+        out[k] = float(np.mean(vals)) if vals else math.nan
+    fp = sum(r["confusion"]["fp"] for r in rows)
+    good = sum(r["confusion"]["fp"] + r["confusion"]["tn"] for r in rows)
+    out["pooled_false_alarm_rate"] = fp / good if good else math.nan
+    out["pooled_false_alarm_ci95"] = list(calib.binomial_interval(fp, good))
+    out["num_good"] = good
+    return out
 
 
 def _reference_pool(name: str, root, test_records: Sequence[Record], classes: tuple[str, ...],
@@ -343,13 +441,40 @@ def markdown(results: dict, other: dict | None = None, titles=("", "")) -> str:
         for cls, ns in entry.get("notes", {}).items():
             lines += [f"- {cls}: {n}" for n in ns]
         lines.append("")
+        if "calibration" in entry:
+            lines += decisions_markdown(entry["calibration"])
     lines.append("Metrics x100 per category, mean = unweighted mean over categories (n/a excluded). "
                  "AUPRO: MVTec reference algorithm, FPR limit 0.3.")
     return "\n".join(lines) + "\n"
 
 
+def decisions_markdown(cal: dict) -> list[str]:
+    """The calibration table of one dataset (x100): measured false-alarm rate on the test good
+    images (95% interval) and detection rate at the conformal threshold, and the F1-optimal
+    threshold's pair."""
+    lines = [f"### Decisions at a target false-alarm rate of {cal['false_alarm_rate_target']:g} "
+             "(calibrated on train/good images)", "",
+             "| category | calibration images | threshold | false alarms (95% CI) | detection | "
+             "F1-optimal: false alarms | F1-optimal: detection |", "|---" * 7 + "|"]
+    for cls, r in cal["categories"].items():
+        if "note" in r:
+            lines.append(f"| {cls} | {r['n']} | - | {r['note']} | | | |")
+            continue
+        lo, hi = r["false_alarm_ci95"]
+        lines.append(f"| {cls} | {r['n']} | {r['image_threshold']:.4g} | {_fmt(r['false_alarm_rate'])} "
+                     f"({_fmt(lo)}-{_fmt(hi)}) | {_fmt(r['detection_rate'])} | "
+                     f"{_fmt(r['f1_false_alarm_rate'])} | {_fmt(r['f1_detection_rate'])} |")
+    m = cal["mean"]
+    lo, hi = m["pooled_false_alarm_ci95"]
+    pooled = _fmt(m["pooled_false_alarm_rate"])
+    lines.append(f"| **mean** | | | {_fmt(m['false_alarm_rate'])} (pooled {pooled}, "
+                 f"{_fmt(lo)}-{_fmt(hi)}, {m['num_good']} good) | {_fmt(m['detection_rate'])} | "
+                 f"{_fmt(m['f1_false_alarm_rate'])} | {_fmt(m['f1_detection_rate'])} |")
+    return [*lines, ""]
+
+
 def run_from_config(config, workdir: str | os.PathLike, *, model: ad.ADDinoV3 | None = None,
-                    results_name: str = "results", **curve_options) -> dict:
+                    results_name: str = "results", **options) -> dict:
     """`addinov3 eval`: the final model of `workdir` (or `model`) on `config.eval.datasets`, on
     the config's mesh (multi-host with `config.multihost`); few-shot when `config.eval.shots` > 0.
     `config` may be the `Runtime` of a config (`setup.setup(config)`)."""
@@ -377,10 +502,11 @@ def run_from_config(config, workdir: str | os.PathLike, *, model: ad.ADDinoV3 | 
                        class_name_source=config.model.class_name_source,
                        fixed_word=config.model.class_name,
                        heatmaps_per_category=config.eval.heatmaps_per_category,
-                       curves=config.eval.curves, text_cache_dir=str(workdir / "text_cache"))
+                       curves=config.eval.curves, text_cache_dir=str(workdir / "text_cache"),
+                       false_alarm_rate=config.eval.calibration.false_alarm_rate)
     return evaluate(model, datasets, workdir, opts=opts, config=json.loads(config.to_json_best_effort()),
                     results_name=results_name, mesh=mesh, rules=rules,
-                    fewshot_config=config_lib.fewshot_config(config), **curve_options)
+                    fewshot_config=config_lib.fewshot_config(config), **options)
 
 
 def device_summary() -> str:

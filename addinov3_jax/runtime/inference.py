@@ -6,14 +6,19 @@ the same mesh do not move) and jits the predict steps of `runtime/steps.py` once
 table, bank=)` takes process-local batches (`image`, `class_id` and `valid` rows; every process
 feeds its own rows), runs the zero-shot or the fused few-shot step, and yields each batch with
 the global result gathered to the host (`maps`, `scores` of its valid rows in order).
-`build_bank` runs the backbone over reference images on the mesh and returns a replicated (or,
-with `shard_bank`, row-split) `fewshot.MemoryBank`.
+`predict_files` is the "score these image files" loop of `predict` and `calibrate` (decode,
+preprocess, `run`); `reference_bank` builds the bank of a folder of normal images and describes
+it (the settings that change scores). `build_bank` runs the backbone over reference images on
+the mesh and returns a replicated (or, with `shard_bank`, row-split) `fewshot.MemoryBank`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +27,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from addinov3_jax.data import pipeline
+from addinov3_jax.data.records import DataError, decode_image
+from addinov3_jax.data.records import image_size as image_size_of
 from addinov3_jax.io import text_cache
 from addinov3_jax.models import fewshot, sharding
 from addinov3_jax.models import model as ad
@@ -158,3 +165,73 @@ class Predictor:
         feats = np.asarray(bank.features_lmd)
         return dataclasses.replace(bank, features_lmd=jax.make_array_from_callback(
             feats.shape, replicated, lambda idx: feats[idx]))
+
+
+def map_max(amap: np.ndarray, height: int, width: int) -> float:
+    """max of the map upsampled to (height, width), a block of rows at a time."""
+    return max(float(block.max()) for _, block in ad.resize_map_rows(amap, height, width))
+
+
+def read_error(path: Path, e: Exception) -> str:
+    """Why an input could not be read, without repeating its path."""
+    text = str(e) if isinstance(e, DataError) else (getattr(e, "strerror", None) or str(e))
+    return text.removeprefix(f"{path}: ")
+
+
+def predict_files(predictor: Predictor, paths: Sequence[Path], table, *, image_size: int,
+                  batch_size: int, bank: fewshot.MemoryBank | None = None,
+                  skipped: list[dict] | None = None, max_side: int | None = None) -> Iterator[dict]:
+    """Maps and scores of image files (any sizes), `batch_size` at a time through `run`: yields
+    per batch `paths`, `originals` (PIL images decoded with at most `max_side` on the longest
+    side), `sizes` ((width, height) of the files), `maps` (network resolution) and `scores`.
+    Unreadable files are appended to `skipped` (`image`, `error`) and left out."""
+    bb = predictor.backbone_config
+    class_ids = np.zeros(batch_size, np.int32)
+    skipped = [] if skipped is None else skipped
+    decoded: list[tuple[list[Path], list, list]] = []  # host-side images of the batch in flight
+
+    def batches():
+        for start in range(0, len(paths), batch_size):
+            chunk, originals, sizes = [], [], []
+            for p in paths[start : start + batch_size]:
+                try:
+                    data = Path(p).read_bytes()
+                    originals.append(decode_image(data, str(p), max_side=max_side))
+                    sizes.append(image_size_of(data, str(p)))
+                    chunk.append(p)
+                except (DataError, OSError) as e:
+                    skipped.append({"image": str(p), "error": read_error(p, e)})
+            if not chunk:
+                continue
+            decoded.append((chunk, originals, sizes))
+            images = np.stack([pipeline.preprocess_image(im, image_size, bb.pixel_mean, bb.pixel_std)
+                               for im in originals])
+            yield {"image": pad_rows(images, batch_size), "class_id": class_ids,  # one shape
+                   "valid": (np.arange(batch_size) < len(chunk)).astype(np.int32)}
+
+    for result in predictor.run(batches(), table, bank=bank):
+        chunk, originals, sizes = decoded.pop(0)
+        yield {"paths": chunk, "originals": originals, "sizes": sizes, "maps": result["maps"],
+               "scores": result["scores"]}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def reference_bank(predictor: Predictor, refs: Sequence[Path], *, image_size: int,
+                   batch_size: int, folder: str | os.PathLike | None = None
+                   ) -> tuple[fewshot.MemoryBank, dict]:
+    """The few-shot bank of the normal images `refs` and its description (`folder`, `count`,
+    `images`, their `sha256`, `bank_rows` and every few-shot setting), as `scores.json` and a
+    calibration record it."""
+    bb = predictor.backbone_config
+    bank = predictor.build_bank(pipeline.load_images(list(refs), image_size, bb.pixel_mean,
+                                                     bb.pixel_std), batch_size=batch_size)
+    fs = predictor.fewshot
+    settings = {k: v for k, v in dataclasses.asdict(fs).items() if k not in ("shots", "seeds")}
+    info = {"folder": None if folder is None else str(folder), "count": len(refs),
+            "augment": fs.augment, "fusion": fs.fusion, "fusion_weight": fs.fusion_weight,
+            "bank_rows": bank.rows, "images": [str(p) for p in refs],
+            "sha256": [file_sha256(p) for p in refs], "settings": settings}
+    return bank, info
