@@ -237,9 +237,14 @@ def test_bad_calibration_is_one_line(setup, tmp_path, capsys, problem, text):
 
 def test_image_size_must_fit_the_patches(setup, tmp_path, capsys):
     root = setup[0]
-    assert main(["export", "--checkpoint", str(root / "model"), "--class-name", CLASS, "--format", "onnx",
-                 "--image-size", "40", "--output", str(tmp_path / "out")]) == 2
-    assert "multiple of the backbone's patch size 16" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # refused by argparse, before anything is loaded
+        main(["export", "--checkpoint", str(root / "model"), "--class-name", CLASS, "--format",
+              "onnx", "--image-size", "40", "--output", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert "multiple of the patch size 16" in capsys.readouterr().err
+    with pytest.raises(export.ExportError, match="multiple of the backbone's patch size 16"):
+        export.export(root / "model", CLASS, tmp_path / "out", image_size=40)
+    assert not (tmp_path / "out").exists()
 
 
 def test_help_lists_what_is_baked_in(capsys):
