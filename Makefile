@@ -35,8 +35,9 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(BIN)/addinov3 demo
 
+# Two workers (one per core here), whole files per worker so module fixtures are built once.
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

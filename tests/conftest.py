@@ -38,3 +38,13 @@ def tiny():
     backbone = dinov3.create("tiny", rngs=nnx.Rngs(0))
     text = clip_text.create("tiny", rngs=nnx.Rngs(1))
     return ad.ADDinoV3(backbone, text, ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
+
+
+@pytest.fixture
+def free_port():
+    """A localhost TCP port nobody listens on now (the coordinator of multi-process tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

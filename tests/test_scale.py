@@ -77,14 +77,14 @@ def _eval_cmd(workdir, syn, *extra):
             f"--config.eval.datasets.synthetic.classes={CLASSES!r}", *extra]
 
 
-def test_two_process_eval_equals_one_process(model_dir, syn, tmp_path):
+def test_two_process_eval_equals_one_process(model_dir, syn, tmp_path, free_port):
     one, two = tmp_path / "one", tmp_path / "two"
     for w in (one, two):
         shutil.copytree(model_dir, w / "model")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     res = subprocess.run(_eval_cmd(one, syn), env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    port = 21000 + os.getpid() % 20000
+    port = free_port
     procs = []
     for pid in range(2):
         penv = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4",

@@ -179,7 +179,11 @@ def one_process(data, tmp_path_factory):
 
 def _two_processes(data, workdir, *flags):
     """`addinov3 train` as two localhost processes with 4 CPU devices each (one 8-device mesh)."""
-    port = 20000 + (os.getpid() + len(str(workdir))) % 20000
+    import socket
+
+    with socket.socket() as s:  # a free coordinator port for each run
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     procs = []
     for pid in range(2):
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
