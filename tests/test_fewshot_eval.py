@@ -133,10 +133,6 @@ def test_folder_dataset_refuses_test_images_as_references(tiny, tmp_path):
 
 
 def test_config_fields(tmp_path):
-    assert config_lib.ENUMS["eval.fewshot.augment"] == tuple(fewshot.AUGMENTS)
-    assert config_lib.ENUMS["eval.fewshot.image_score"] == fewshot.IMAGE_SCORES
-    assert config_lib.ENUMS["eval.fewshot.fusion"] == fewshot.FUSIONS
-    assert config_lib.ENUMS["eval.fewshot.bank_dtype"] == fewshot.BANK_DTYPES
     c = config_lib.demo_config()
     assert config_lib.fewshot_config(c).shots == 0
     c.eval.shots, c.eval.shot_seeds = 4, (0, 1, 2)

@@ -87,7 +87,6 @@ def test_hf_files_round_trip(tmp_path):
     default_tokenizer().save_hf_files(tmp_path)
     lines = (tmp_path / "merges.txt").read_text(encoding="utf-8").split("\n")
     assert lines[0] == "#version: 0.2" and len(lines) - 1 == 48_895
-    assert (tmp_path / "merges.txt").stat().st_size == 524_619
     again = Tokenizer.from_directory(tmp_path)
     text = [s for s in prompts.sentences("metal_nut")]
     np.testing.assert_array_equal(again(text), tokenize(text))
