@@ -40,6 +40,16 @@ def tiny():
     return ad.ADDinoV3(backbone, text, ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny):
+    """The `tiny` model saved as a model directory (what `predict`, `calibrate`, `export` load)."""
+    from addinov3_jax.io import model_dir as model_io
+
+    path = tmp_path_factory.mktemp("tiny_model") / "model"
+    model_io.save(tiny, path)
+    return path
+
+
 @pytest.fixture
 def free_port():
     """A localhost TCP port nobody listens on now (the coordinator of multi-process tests)."""

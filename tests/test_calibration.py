@@ -8,14 +8,11 @@ from urllib.parse import unquote
 
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 
 from addinov3_jax import calibration as calib
 from addinov3_jax.commands.cli import main
 from addinov3_jax.io import model_dir as model_io
-from addinov3_jax.models import clip_text, dinov3
-from addinov3_jax.models import model as ad
 
 # ------------------------------------------------------------------------------ the math
 
@@ -87,14 +84,6 @@ def test_rates_and_the_f1_optimal_threshold():
 
 # ------------------------------------------------------------------------------ the commands
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "model"
-    tiny = ad.ADDinoV3(dinov3.create("tiny", rngs=nnx.Rngs(0)), clip_text.create("tiny", rngs=nnx.Rngs(1)),
-                       ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
-    model_io.save(tiny, path)
-    return path
 
 
 def goods(folder, n, seed=0, size=(40, 32)):

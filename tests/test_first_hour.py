@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 
 from addinov3_jax import config as config_lib
@@ -20,22 +19,12 @@ from addinov3_jax.commands import predict
 from addinov3_jax.commands.cli import load_config, main
 from addinov3_jax.data import synthetic
 from addinov3_jax.data.records import decode_image, image_size
-from addinov3_jax.io import model_dir as model_io
 from addinov3_jax.io import workdir as workdir_io
-from addinov3_jax.models import clip_text, dinov3
 from addinov3_jax.models import model as ad
 from addinov3_jax.runtime import evaluator, trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("first_hour") / "model"
-    tiny = ad.ADDinoV3(dinov3.create("tiny", rngs=nnx.Rngs(0)), clip_text.create("tiny", rngs=nnx.Rngs(1)),
-                       ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
-    model_io.save(tiny, path)
-    return path
 
 
 def picture(path: Path, size=(40, 30), seed=0, **save) -> Path:

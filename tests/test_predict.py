@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 
 from addinov3_jax import plots
@@ -15,17 +14,7 @@ from addinov3_jax.commands import predict
 from addinov3_jax.commands.cli import main
 from addinov3_jax.data.records import DataError
 from addinov3_jax.io import model_dir as model_io
-from addinov3_jax.models import clip_text, dinov3, prompts
-from addinov3_jax.models import model as ad
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("predict") / "model"
-    tiny = ad.ADDinoV3(dinov3.create("tiny", rngs=nnx.Rngs(0)), clip_text.create("tiny", rngs=nnx.Rngs(1)),
-                       ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
-    model_io.save(tiny, path)
-    return path
+from addinov3_jax.models import prompts
 
 
 def images(folder, n=3, size=(40, 30)):
