@@ -359,10 +359,22 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bank_args(p: argparse.ArgumentParser, reference_help: str) -> None:
+    """--reference / --fusion / --augment: the few-shot bank, as predict, calibrate and export
+    take it."""
+    from addinov3_jax.models import fewshot
+
+    p.add_argument("--reference", default=None, metavar="DIR", help=reference_help)
+    p.add_argument("--fusion", choices=fewshot.FUSIONS, default=None,
+                   help="with --reference: add = zero-shot + few-shot/2 (default), none = few-shot only")
+    p.add_argument("--augment", choices=tuple(fewshot.AUGMENTS), default=None,
+                   help="with --reference: views of each reference image in the bank (default none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from addinov3_jax.commands import predict as predict_lib
     from addinov3_jax.data import readers
-    from addinov3_jax.models import clip_text, fewshot, layers
+    from addinov3_jax.models import clip_text, layers
 
     parser = argparse.ArgumentParser(
         prog="addinov3",
@@ -462,13 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-maps", action="store_true", help="also write maps/<name>.npy")
     p.add_argument("--scale", choices=predict_lib.SCALES, default="run",
                    help="heatmap colours: run = min..max of this run's maps (default), fixed = 0..1")
-    p.add_argument("--reference", default=None, metavar="DIR",
-                   help="few-shot: a folder of normal images of the class; their patch memory "
-                        "bank is fused with the zero-shot maps and scores")
-    p.add_argument("--fusion", choices=fewshot.FUSIONS, default=None,
-                   help="with --reference: add = zero-shot + few-shot/2 (default), none = few-shot only")
-    p.add_argument("--augment", choices=tuple(fewshot.AUGMENTS), default=None,
-                   help="with --reference: views of each reference image in the bank (default none)")
+    _add_bank_args(p, "few-shot: a folder of normal images of the class; their patch memory "
+                      "bank is fused with the zero-shot maps and scores")
     p.add_argument("--calibration", default=None, metavar="auto|FILE",
                    help="verdicts, normalized scores, masks/ and defect regions from a calibration "
                         "(auto: <model dir>/calibration/<class>.json, from addinov3 calibrate)")
@@ -488,13 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a folder of good images of the class (never the few-shot bank's)")
     p.add_argument("--false-alarm-rate", required=True, type=false_alarm_rate, metavar="A",
                    help="e.g. 0.05; needs at least ceil(1/A) - 1 good images (19 for 0.05)")
-    p.add_argument("--reference", default=None, metavar="DIR",
-                   help="few-shot bank (as predict --reference); the --good folder itself is split: "
-                        "its first --shots images form the bank, the rest calibrate")
+    _add_bank_args(p, "few-shot bank (as predict --reference); the --good folder itself is split: "
+                      "its first --shots images form the bank, the rest calibrate")
     p.add_argument("--shots", type=positive_int, default=4,
                    help="bank size when --reference is the --good folder (default 4)")
-    p.add_argument("--fusion", choices=fewshot.FUSIONS, default=None)
-    p.add_argument("--augment", choices=tuple(fewshot.AUGMENTS), default=None)
     p.add_argument("--output", default=None, metavar="FILE",
                    help="write here instead of <model dir>/calibration/<class>.json")
     p.add_argument("--image-size", type=patch_multiple, default=512)
@@ -524,12 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=patch_multiple, default=512,
                    help="S: the exported input size, a multiple of the patch size (default 512)")
     p.add_argument("--output", required=True, help="directory to write (created atomically)")
-    p.add_argument("--reference", default=None, metavar="DIR",
-                   help="few-shot: normal images of the class; their memory bank is baked in")
-    p.add_argument("--fusion", choices=fewshot.FUSIONS, default=None,
-                   help="with --reference, as predict")
-    p.add_argument("--augment", choices=tuple(fewshot.AUGMENTS), default=None,
-                   help="with --reference, as predict")
+    _add_bank_args(p, "few-shot: normal images of the class; their memory bank is baked in")
     p.add_argument("--calibration", default=None, metavar="auto|FILE",
                    help="JSON with image_threshold and pixel_threshold (auto: <model>/calibration/"
                         "<class>.json); adds verdict = score > image_threshold")
