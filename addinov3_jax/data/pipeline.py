@@ -107,6 +107,16 @@ class Preprocess:
     mean: tuple[float, ...] = tuple(IMAGENET_MEAN)
     std: tuple[float, ...] = tuple(IMAGENET_STD)
 
+    @classmethod
+    def for_backbone(cls, backbone_config, image_size: int, words=(), *,
+                     class_name_source: str = "readable", fixed_word: str = "",
+                     mask_threshold: float = 0.5) -> Preprocess:
+        """The preprocessing that feeds a backbone (its pixel mean / std) square images of
+        `image_size`: the one construction that training and evaluation share."""
+        return cls(size=(image_size, image_size), mask_threshold=mask_threshold, classes=tuple(words),
+                   class_name_source=class_name_source, fixed_word=fixed_word,
+                   mean=tuple(backbone_config.pixel_mean), std=tuple(backbone_config.pixel_std))
+
     def word(self, ex: dict) -> str:
         return object_word(self.class_name_source, _text(ex["class_name"]),
                            _text(ex["object_word_path"]), self.fixed_word)

@@ -77,9 +77,10 @@ def preprocess_for(predictor: Predictor, words: Sequence[str], opts: EvalOptions
                    spec) -> pipeline.Preprocess:
     """The evaluation's preprocessing (size, the backbone's mean / std, the dataset's mask
     threshold)."""
-    return predictor.preprocess(opts.image_size, words, class_name_source=opts.class_name_source,
-                                fixed_word=opts.fixed_word,
-                                mask_threshold=spec.mask_threshold if spec else 0.5)
+    return pipeline.Preprocess.for_backbone(
+        predictor.backbone_config, opts.image_size, words,
+        class_name_source=opts.class_name_source, fixed_word=opts.fixed_word,
+        mask_threshold=spec.mask_threshold if spec else 0.5)
 
 
 def predict_records(predictor: Predictor, records: Sequence[Record], words: Sequence[str],

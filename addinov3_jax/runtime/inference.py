@@ -77,16 +77,6 @@ class Predictor:
     def backbone_config(self):
         return self.model.backbone.config
 
-    def preprocess(self, image_size: int, words: Sequence[str] = (), *,
-                   class_name_source: str = "readable", fixed_word: str = "",
-                   mask_threshold: float = 0.5) -> pipeline.Preprocess:
-        """The preprocessing of this model's backbone (its pixel mean / std) at `image_size`."""
-        bb = self.backbone_config
-        return pipeline.Preprocess(size=(image_size, image_size), mask_threshold=mask_threshold,
-                                   classes=tuple(words), class_name_source=class_name_source,
-                                   fixed_word=fixed_word, mean=tuple(bb.pixel_mean),
-                                   std=tuple(bb.pixel_std))
-
     def text_table(self, words: Sequence[str], cache_dir=None) -> jax.Array:
         """(C, E, 2) prototypes of `words`, computed once (and cached on disk), replicated."""
         if self.model.text_tower is None:

@@ -69,10 +69,9 @@ def training_source(cfg: ml_collections.ConfigDict, backbone_cfg):
                                        on_bad_sample=d.on_bad_sample)
         source = pipeline.RecordSource(records)
     words = pipeline.class_words(source, word_source, fixed_word)
-    pre = pipeline.Preprocess(size=(d.image_size, d.image_size),
-                              mask_threshold=spec.mask_threshold if spec else 0.5,
-                              classes=words, class_name_source=word_source, fixed_word=fixed_word,
-                              mean=tuple(backbone_cfg.pixel_mean), std=tuple(backbone_cfg.pixel_std))
+    pre = pipeline.Preprocess.for_backbone(backbone_cfg, d.image_size, words,
+                                           class_name_source=word_source, fixed_word=fixed_word,
+                                           mask_threshold=spec.mask_threshold if spec else 0.5)
     return source, words, pre, report
 
 
