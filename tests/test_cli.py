@@ -33,13 +33,16 @@ def test_help(sub, capsys):
     assert "usage: addinov3" in capsys.readouterr().out
 
 
-def test_package_never_imports_torch():
-    code = ("import sys, addinov3_jax.commands.cli, addinov3_jax.models.dinov3, weight_conversion.dinov3\n"
+def test_package_never_imports_torch(tmp_path):
+    code = ("import pathlib, sys, addinov3_jax.commands.cli, addinov3_jax.models.dinov3, weight_conversion.dinov3\n"
             "import pkgutil, importlib, addinov3_jax\n"
             "for m in pkgutil.walk_packages(addinov3_jax.__path__, 'addinov3_jax.'):\n"
             "    if m.name != 'addinov3_jax.commands.parity': importlib.import_module(m.name)\n"
+            "from addinov3_jax.runtime import trainer\n"  # TensorBoard events (tensorboardX)
+            "w = trainer._Writers(pathlib.Path(sys.argv[1]), True, 0)\n"
+            "w.write({'step': 1, 'loss': 0.5}); w.close()\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
 
 

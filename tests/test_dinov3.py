@@ -191,6 +191,18 @@ def test_scan_equals_unrolled():
     np.testing.assert_allclose(scanned(x)["x_prenorm"], unrolled(x)["x_prenorm"], atol=1e-6)
 
 
+def test_random_init_eagerly_equals_one_block_at_a_time_under_jit():
+    # `layers.per_layer`: eagerly a vmap over the per-layer keys, under a trace a lax.map (one
+    # block of temporaries); the same numbers either way, so a model is the same model however
+    # it was built (the runtime builds it under `jax.jit`).
+    eager = nnx.state(dinov3.create("tiny", rngs=nnx.Rngs(3)))
+    traced = jax.jit(lambda: nnx.state(dinov3.create("tiny", rngs=nnx.Rngs(3))))()
+    flat_e, flat_t = dict(nnx.to_flat_state(eager)), dict(nnx.to_flat_state(traced))
+    assert flat_e.keys() == flat_t.keys() and any(k[0] == "blocks" for k in flat_e)
+    for k in flat_e:
+        np.testing.assert_array_equal(flat_e[k].get_value(), flat_t[k].get_value(), err_msg=str(k))
+
+
 def test_rope_reference_vector():
     # shared/reference/dinov3.md §2.3: d = 8, periods [1, 10], grid 2 x 3, v = 0..7.
     sin, cos = dinov3.rope_tables(dinov3.rope_coords(2, 3), jnp.array([1.0, 10.0]))

@@ -7,6 +7,7 @@ activations are constrained by logical names with `sharding.constrain`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -16,6 +17,8 @@ from flax import nnx
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
 trunc_normal = nnx.initializers.truncated_normal
+# Largest stacked parameter drawn by an eager `vmap` in `per_layer` (larger ones: one slice at a time).
+EAGER_VMAP_BYTES = 64 * 2**20
 zeros = nnx.initializers.zeros_init()
 ones = nnx.initializers.ones_init()
 
@@ -39,12 +42,19 @@ def param(
 
 
 def per_layer(init: Initializer) -> Initializer:
-    """`init` drawn for one slice of the leading axis at a time (a `lax.map` over per-layer
-    keys): a stacked tower's random initialisation then needs one block's temporaries, not the
-    whole stack's (vit7b16: `addinov3 plan` reports `backbone_init`)."""
+    """`init` drawn for one slice of the leading axis at a time (one key per slice): under a
+    trace (`nnx.jit`, `nnx.eval_shape`) a `lax.map`, so that a stacked tower's random
+    initialisation needs one block's temporaries, not the whole stack's (vit7b16: `addinov3 plan`
+    reports `backbone_init`). Eagerly, small stacks are drawn by a `vmap` over the same keys (the
+    same values: random bits are a function of key and position): a `lax.map` run eagerly would
+    compile a new program for every parameter of every model built."""
     def draw(key, shape, dtype=jnp.float32):
         keys = jax.random.split(key, shape[0])
-        return jax.lax.map(lambda k: init(k, tuple(shape[1:]), dtype), keys)
+        one = lambda k: init(k, tuple(shape[1:]), dtype)  # noqa: E731
+        small = math.prod(shape) * jnp.dtype(dtype).itemsize <= EAGER_VMAP_BYTES
+        if small and not isinstance(key, jax.core.Tracer):
+            return jax.vmap(one)(keys)
+        return jax.lax.map(one, keys)
 
     return draw
 

@@ -97,15 +97,13 @@ class _Writers:
         self.enabled = enabled
         if not enabled:
             return
-        from tensorboardX import SummaryWriter
-
         path = workdir / "metrics.jsonl"
         if path.is_file():
             keep = [line for line in path.read_text().splitlines()
                     if _step_of(line) is not None and _step_of(line) <= resume_step]
             path.write_text("".join(line + "\n" for line in keep))
         self.jsonl = open(path, "a")  # noqa: SIM115
-        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        self.tb = _summary_writer()(str(workdir / "tensorboard"))
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -122,6 +120,20 @@ class _Writers:
             self.jsonl.close()
             self.tb.close()
 
+
+def _summary_writer():
+    """tensorboardX's `SummaryWriter`, imported without PyTorch: tensorboardX imports torch when
+    it is installed (only to accept torch tensors, which we never pass), and the package never
+    imports torch at run time (an environment with the parity extras has it)."""
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # `import torch` raises ImportError: tensorboardX's fallback
+        try:
+            import tensorboardX  # noqa: F401
+        finally:
+            del sys.modules["torch"]
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
 
 
 def log_row(terms: dict, steps: int, since: float, batch_size: int) -> dict[str, float]:
