@@ -13,6 +13,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(Path(__file__).resolve().parents[1] / "build" / "jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# The subprocesses compute like this process (a run resumed in-process from a killed
+# subprocess's checkpoint must be bitwise the uninterrupted one).
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -25,6 +28,45 @@ def rng():
     import numpy as np
 
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    """`synthetic_data(categories, **options)`: the root of a synthetic dataset (MVTec layout,
+    `data.synthetic.generate`), generated once per (categories, options) in a session (one xdist
+    worker) and shared by every test that asks for the same one."""
+    from addinov3_jax.data import synthetic
+
+    made = {}
+
+    def make(categories=None, **options):
+        categories = tuple(categories or synthetic.CATEGORIES)
+        key = (categories, tuple(sorted(options.items())))
+        if key not in made:
+            root = tmp_path_factory.mktemp("synthetic") / "synthetic"
+            made[key] = synthetic.generate(root, categories=categories, **options)
+        return made[key]
+
+    return make
+
+
+# The two datasets most tests share: tests that train on the same data at the same size also
+# share compiled steps through the persistent compilation cache.
+TRAIN_DATA = dict(categories=("marble", "washer"), size=64, normal=3, per_defect=2)
+EVAL_DATA = dict(categories=("pill", "weave"), size=64, normal=3, per_defect=2, train_normal=3)
+
+
+@pytest.fixture(scope="session")
+def train_data(synthetic_data):
+    """Two auxiliary categories (18 images at 64 px) for the training tests."""
+    return synthetic_data(**TRAIN_DATA)
+
+
+@pytest.fixture(scope="session")
+def eval_data(synthetic_data):
+    """Two held-out categories (test split and 3 train/good images each, 64 px) for the
+    evaluation, few-shot and sharding tests."""
+    return synthetic_data(**EVAL_DATA)
 
 
 @pytest.fixture(scope="module")

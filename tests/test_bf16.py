@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 
 from addinov3_jax import config, metrics
-from addinov3_jax.data import pipeline, readers, synthetic
+from addinov3_jax.data import pipeline, readers
 from addinov3_jax.models import clip_text, dinov3, losses, sharding
 from addinov3_jax.models import model as ad
 from addinov3_jax.runtime import distributed, steps
@@ -72,9 +72,9 @@ def train_adapters(model, data, table, n_steps=100, batch=8):
     return state.params
 
 
-def test_bf16_maps_and_metrics_match_fp32(tmp_path):
-    root = synthetic.generate(tmp_path / "synthetic", categories=("marble", "washer", "weave",
-                              "pill"), size=128, normal=10, per_defect=8, train_normal=0)
+def test_bf16_maps_and_metrics_match_fp32(synthetic_data):
+    root = synthetic_data(("marble", "washer", "weave", "pill"), size=128, normal=10, per_defect=8,
+                          train_normal=0)
     aux, test = load(root, ("marble", "washer")), load(root, ("weave", "pill"))
     out = {}
     for name, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
@@ -85,10 +85,15 @@ def test_bf16_maps_and_metrics_match_fp32(tmp_path):
             params = train_adapters(m, aux, table)
         ad.set_trainable_params(m, params)
         text = jnp.broadcast_to(table, (len(test["label"]), *table.shape[1:]))
-        feats = m.features(jnp.asarray(test["image"]))
+        feats = nnx.jit(lambda m, x: m.features(x))(m, jnp.asarray(test["image"]))
         assert all(f.dtype == jnp.float32 for f in feats)  # the head gets fp32 features
-        o = ad.head(ad.trainable_params(m), *feats, text, (8, 8), (128, 128), m.config)
-        loss = losses.total(o, jnp.asarray(test["mask"]), jnp.asarray(test["label"]))["loss"]
+
+        def loss_of(params, feats, text, mask, label, cfg=m.config):
+            o = ad.head(params, *feats, text, (8, 8), (128, 128), cfg)
+            return losses.total(o, mask, label)["loss"]
+
+        loss = jax.jit(loss_of)(ad.trainable_params(m), feats, text, jnp.asarray(test["mask"]),
+                                jnp.asarray(test["label"]))
         assert loss.dtype == jnp.float32 and np.isfinite(float(loss))  # the loss stays fp32
         maps, scores = m.predict(jnp.asarray(test["image"]), "object", text_be2=text)
         out[name] = np.asarray(maps), np.asarray(scores), float(loss)

@@ -34,7 +34,8 @@ def test_help(sub, capsys):
 
 
 def test_package_never_imports_torch(tmp_path):
-    code = ("import pathlib, sys, addinov3_jax.commands.cli, addinov3_jax.models.dinov3, weight_conversion.dinov3\n"
+    code = ("import pathlib, sys\n"
+            "import addinov3_jax.commands.cli, addinov3_jax.models.dinov3, weight_conversion.dinov3\n"
             "import pkgutil, importlib, addinov3_jax\n"
             "for m in pkgutil.walk_packages(addinov3_jax.__path__, 'addinov3_jax.'):\n"
             "    if m.name != 'addinov3_jax.commands.parity': importlib.import_module(m.name)\n"

@@ -158,11 +158,10 @@ def test_prompt_ensemble_equals_per_sentence_loop(tmp_path):
         assert len(sentences) == 420 and sentences[0] == f"a bad photo of a {w}."
         groups = []
         for group in (sentences[:245], sentences[245:]):
-            rows = []
-            for s in group:  # one sentence at a time, at the full 77-token context
-                _, e = run_reference(ref, tokenize([s]))
-                e = e[0] / max(np.linalg.norm(e[0]), 1e-12)
-                rows.append(e / np.linalg.norm(e))
+            # Every sentence on its own row at the full 77-token context (rows never interact).
+            _, e = run_reference(ref, tokenize(group))
+            rows = e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+            rows = rows / np.linalg.norm(rows, axis=-1, keepdims=True)
             mean = np.mean(rows, axis=0)
             groups.append(mean / np.linalg.norm(mean))
         np.testing.assert_allclose(feats, np.stack(groups, -1), atol=1e-6)

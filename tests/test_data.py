@@ -133,10 +133,8 @@ N_SYN = len(synthetic.CATEGORIES) * (2 + 3)  # images of the `syn` fixture
 
 
 @pytest.fixture(scope="module")
-def syn(tmp_path_factory):
-    root = tmp_path_factory.mktemp("syn")
-    synthetic.generate(root, size=64, normal=2, per_defect=1)
-    return root
+def syn(synthetic_data):
+    return synthetic_data(size=64, normal=2, per_defect=1)  # every category
 
 
 def test_tfds_round_trip_equals_raw_reader(syn, tmp_path):

@@ -13,7 +13,6 @@ import pytest
 from PIL import Image
 
 from addinov3_jax.commands import predict
-from addinov3_jax.data import synthetic
 from addinov3_jax.io import model_dir
 from addinov3_jax.runtime import evaluator as evaluate
 
@@ -22,9 +21,9 @@ KEYS = {"image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "p
 
 
 @pytest.fixture(scope="module")
-def syn(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval") / "synthetic"
-    return synthetic.generate(root, categories=("pill", "weave"), size=64, normal=2, per_defect=2)
+def syn(eval_data):
+    """conftest's `eval_data` (pill and weave)."""
+    return eval_data
 
 
 def test_eval_writes_documented_files(tiny, syn, tmp_path):
@@ -40,7 +39,7 @@ def test_eval_writes_documented_files(tiny, syn, tmp_path):
         assert set(row) == KEYS
         for k in KEYS - {"num_images"}:
             assert 0.0 <= row[k] <= 1.0
-    assert entry["mean"]["num_images"] == 2 * (2 + 6)
+    assert entry["mean"]["num_images"] == 2 * (3 + 6)  # per class: 3 good, 3 defect types x 2
     mean = np.mean([c["pixel_auroc"] for c in entry["categories"].values()])
     assert entry["mean"]["pixel_auroc"] == pytest.approx(mean)
     assert results["datasets"]["synthetic"]["mean"] == entry["mean"]
@@ -125,10 +124,20 @@ def test_predict_on_mixed_size_folder(tiny, tmp_path):
     assert again.images[0]["score"] == pytest.approx(float(first["score"]), abs=1e-6)
 
 
-def test_demo_end_to_end_quick(tmp_path):
+def test_demo_end_to_end_quick_with_converted_towers(tiny, tmp_path):
+    """The whole demo (train, zero-shot trained / untrained, 1- and 4-shot over seeds, decisions,
+    report) once, on towers given as converted directories (`--dinov3 DIR --clip-text DIR`): the
+    default run differs only in building its random tiny towers, as every training test does."""
     from addinov3_jax.commands import demo
 
-    assert demo.run(workdir=str(tmp_path), quick=True) == 0
+    model_dir.save(tiny, tmp_path / "towers")  # converted backbone/ and text_tower/ directories
+    assert demo.run(workdir=str(tmp_path), quick=True,
+                    dinov3=str(tmp_path / "towers" / "backbone"),
+                    clip_text=str(tmp_path / "towers" / "text_tower")) == 0
+    spec = json.loads((tmp_path / "train" / "model" / "model.json").read_text())
+    assert spec["backbone"].endswith("towers/backbone")  # referenced, not copied
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["model"][
+        "class_name_source"] == "readable"
     for name in ("results.json", "results_untrained.json", "results.md", "demo_report.json"):
         assert (tmp_path / name).is_file(), name
     trained = json.loads((tmp_path / "results.json").read_text())
@@ -160,16 +169,3 @@ def test_demo_end_to_end_quick(tmp_path):
     links = re.findall(r'src="([^"]+)"', page)
     assert links and all((tmp_path / unquote(x)).is_file() for x in links)
     assert 'class="trained-untrained"' in page and 'class="decisions"' in page
-
-
-def test_demo_with_converted_towers(tiny, tmp_path):
-    from addinov3_jax.commands import demo
-
-    model_dir.save(tiny, tmp_path / "towers")  # converted backbone/ and text_tower/ directories
-    assert demo.run(workdir=str(tmp_path / "run"), quick=True, image_size=64,
-                    dinov3=str(tmp_path / "towers" / "backbone"),
-                    clip_text=str(tmp_path / "towers" / "text_tower"), shots=()) == 0
-    spec = json.loads((tmp_path / "run" / "train" / "model" / "model.json").read_text())
-    assert spec["backbone"].endswith("towers/backbone")  # referenced, not copied
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["config"]["model"][
-        "class_name_source"] == "readable"

@@ -194,10 +194,8 @@ def test_image_scores():
 
 
 @pytest.fixture(scope="module")
-def weave(tmp_path_factory):
-    root = synthetic.generate(tmp_path_factory.mktemp("syn"), categories=("weave",), size=128,
-                              normal=2, per_defect=2, train_normal=4)
-    return root
+def weave(synthetic_data):
+    return synthetic_data(("weave",), size=128, normal=2, per_defect=2, train_normal=4)
 
 
 def test_end_to_end_defects_score_higher(weave):

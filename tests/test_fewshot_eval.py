@@ -13,7 +13,7 @@ from flax import nnx
 from PIL import Image
 
 from addinov3_jax import config as config_lib
-from addinov3_jax.data import readers, synthetic
+from addinov3_jax.data import readers
 from addinov3_jax.data.records import DataError
 from addinov3_jax.io import model_dir
 from addinov3_jax.models import fewshot
@@ -25,10 +25,9 @@ OPTS = evaluate.EvalOptions(image_size=64, batch_size=8, heatmaps_per_category=0
 
 
 @pytest.fixture(scope="module")
-def syn(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fseval") / "synthetic"
-    return synthetic.generate(root, categories=("pill", "weave"), size=64, normal=2, per_defect=1,
-                              train_normal=3)
+def syn(eval_data):
+    """conftest's `eval_data` (pill and weave)."""
+    return eval_data
 
 
 def _numbers(results):
@@ -173,7 +172,8 @@ def test_predict_with_reference_folder(tiny, syn, tmp_path, capsys):
     meta = json.loads((out / "scores.json").read_text())
     assert meta["reference"]["count"] == 3 and meta["reference"]["augment"] == "flip"
     assert meta["reference"]["bank_rows"] == 3 * 3 * 16
-    assert len(meta["images"]) == 1 and len(list((out / "maps").glob("*.npy"))) == 1
+    n = len(list(test_dir.glob("*.png")))  # per_defect images
+    assert len(meta["images"]) == n == len(list((out / "maps").glob("*.npy")))
     assert list((out / "heatmaps").glob("*.png"))
     assert main([*args, "--fusion", "none", str(test_dir)]) == 2  # --fusion needs --reference
     assert "need --reference" in capsys.readouterr().err

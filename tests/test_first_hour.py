@@ -17,7 +17,6 @@ from addinov3_jax import config as config_lib
 from addinov3_jax import plots
 from addinov3_jax.commands import predict
 from addinov3_jax.commands.cli import load_config, main
-from addinov3_jax.data import synthetic
 from addinov3_jax.data.records import decode_image, image_size
 from addinov3_jax.io import workdir as workdir_io
 from addinov3_jax.models import model as ad
@@ -92,16 +91,9 @@ def test_output_names_are_injective(tmp_path):
 
 # 3 -------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def train_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fh_train") / "synthetic"
-    synthetic.generate(root, categories=("marble", "washer"), size=32, normal=2, per_defect=1)
-    return root
-
-
 def train_config(root, **train):
     c = config_lib.demo_config()
-    c.data.root, c.data.classes, c.data.image_size = str(root), ("marble", "washer"), 32
+    c.data.root, c.data.classes, c.data.image_size = str(root), ("marble", "washer"), 64
     c.train.epochs, c.train.log_every, c.train.checkpoint_every = 1, 1, 100
     for k, v in train.items():
         setattr(c.train, k, v)
@@ -251,7 +243,7 @@ def test_a_full_disk_is_one_line_and_the_rerun_finishes(train_data, tmp_path, mo
         "from addinov3_jax import config\n\n\ndef get_config():\n"
         "    c = config.demo_config()\n"
         f"    c.data.root, c.data.classes, c.data.image_size = {str(train_data)!r}, "
-        "('marble', 'washer'), 32\n"
+        "('marble', 'washer'), 64\n"
         "    c.train.epochs, c.train.log_every, c.train.checkpoint_every = 1, 1, 100\n"
         "    return c\n")
     argv = ["train", "--config", str(cfg_file), "--workdir", str(work)]

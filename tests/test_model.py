@@ -159,7 +159,7 @@ def test_gradient_reaches_only_adapters(rng):
     def loss_fn(m):
         return losses.total(m(images, text), mask, jnp.array([1, 0]))["loss"]
 
-    grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param))(model)
+    grads = nnx.jit(nnx.grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param)))(model)
     flat = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
     adapters = {k: v for k, v in flat.items() if k.startswith("adapters.")}
     others = {k: v for k, v in flat.items() if not k.startswith("adapters.")}
@@ -176,7 +176,7 @@ def test_predict_scores_and_smoothing(rng):
     maps, scores = model.predict(images, ["bottle", "screw", "bottle"])
     assert maps.shape == (3, 48, 64) and scores.shape == (3,)
     text = model.text_features(["bottle", "screw"])
-    out = model(images, text[[0, 1, 0]])
+    out = nnx.jit(lambda m, x, t: m(x, t))(model, images, text[[0, 1, 0]])
     from scipy.ndimage import gaussian_filter
 
     raw = np.asarray(out["M"][..., 1])

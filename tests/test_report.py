@@ -76,10 +76,8 @@ def screenshot_std(page_path: Path, tmp_path: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def syn(tmp_path_factory):
-    root = tmp_path_factory.mktemp("report") / "synthetic"
-    return synthetic.generate(root, categories=("pill", "weave"), size=64, normal=6, per_defect=2,
-                              train_normal=12)
+def syn(synthetic_data):
+    return synthetic_data(("pill", "weave"), size=64, normal=6, per_defect=2, train_normal=12)
 
 
 def test_eval_calibrates_on_train_images_and_writes_a_checked_report(tiny, syn, tmp_path):

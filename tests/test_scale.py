@@ -14,7 +14,6 @@ import pytest
 from flax import nnx
 
 from addinov3_jax import config as config_lib
-from addinov3_jax.data import synthetic
 from addinov3_jax.io import model_dir as model_io
 from addinov3_jax.io import towers
 from addinov3_jax.models import clip_text, dinov3, sharding
@@ -27,9 +26,9 @@ CLASSES = ("pill", "weave")
 
 
 @pytest.fixture(scope="module")
-def syn(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scale") / "synthetic"
-    return synthetic.generate(root, categories=CLASSES, size=64, normal=3, per_defect=2)
+def syn(eval_data):
+    """conftest's `eval_data` (pill and weave)."""
+    return eval_data
 
 
 @pytest.fixture(scope="module")

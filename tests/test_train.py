@@ -17,7 +17,6 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from addinov3_jax import config as config_lib
-from addinov3_jax.data import synthetic
 from addinov3_jax.models import dinov3, sharding
 from addinov3_jax.runtime import distributed, steps, test_hooks
 from addinov3_jax.runtime import trainer as train
@@ -28,10 +27,9 @@ CLASSES = ("marble", "washer")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data") / "synthetic"
-    synthetic.generate(root, categories=CLASSES, size=64, normal=3, per_defect=2)
-    return root
+def data(train_data):
+    """conftest's `train_data` (the classes `CLASSES`)."""
+    return train_data
 
 
 def tiny_config(root, **train_overrides):
@@ -91,53 +89,57 @@ def test_cached_equals_uncached(data, tmp_path):
     assert (tmp_path / "disk" / "feature_cache" / "patches.npy").is_file()
 
 
-def _train_cmd(data, workdir, epochs=4):
-    return [sys.executable, "-m", "addinov3_jax.commands.cli", "train", "--config",
-            str(REPO / "configs" / "demo.py"), "--workdir", str(workdir),
+def _train_args(data, workdir, epochs=4):
+    """`addinov3 train` on the module's data: the same command in-process (`cli.main`) or as a
+    subprocess (`_train_cmd`), where a process boundary is the point (a kill, a Ctrl-C)."""
+    return ["train", "--config", str(REPO / "configs" / "demo.py"), "--workdir", str(workdir),
             f"--config.data.root={data}", f"--config.data.classes={CLASSES!r}",
             "--config.data.image_size=64", f"--config.train.epochs={epochs}",
             "--config.train.checkpoint_every=2", "--config.train.log_every=1"]
 
 
-def test_kill_and_resume_equals_uninterrupted(data, tmp_path):
+def _train_cmd(data, workdir, epochs=4):
+    return [sys.executable, "-m", "addinov3_jax.commands.cli", *_train_args(data, workdir, epochs)]
+
+
+def test_kill_and_resume_equals_uninterrupted(data, tmp_path, capsys):
     """SIGKILL right after step 5 (deterministic: a test hook in the loop, checkpoints at 2 and 4
-    are on disk), then the same command resumes; the result is bitwise the uninterrupted one."""
-    env = dict(os.environ)
-    full = subprocess.run(_train_cmd(data, tmp_path / "full", 6), env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert full.returncode == 0, full.stderr[-2000:]
+    are on disk), then the same command resumes; the result is bitwise the uninterrupted one.
+    Only the killed run needs its own process; the others run the same command in-process."""
+    from addinov3_jax.commands.cli import main
+
+    assert main(_train_args(data, tmp_path / "full", 6)) == 0
     killed = subprocess.run(_train_cmd(data, tmp_path / "killed", 6), capture_output=True, text=True,
-                            env=dict(env, **{test_hooks.SIGNAL_AFTER_STEP_ENV: "5:SIGKILL"}), timeout=600)
+                            env=dict(os.environ, **{test_hooks.SIGNAL_AFTER_STEP_ENV: "5:SIGKILL"}),
+                            timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (tmp_path / "killed" / "model").exists()
-    resumed = subprocess.run(_train_cmd(data, tmp_path / "killed", 6), env=env, capture_output=True,
-                             text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from step 4 of 12" in resumed.stdout
+    capsys.readouterr()
+    assert main(_train_args(data, tmp_path / "killed", 6)) == 0
+    assert "resuming from step 4 of 12" in capsys.readouterr().out
     a, b = final_params(tmp_path / "full"), final_params(tmp_path / "killed")
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # bitwise
     rows = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in rows]
     assert steps == list(range(1, 13)), steps  # rows 5 (after the kept checkpoint) not repeated
-    again = subprocess.run(_train_cmd(data, tmp_path / "killed", 6), env=env, capture_output=True,
-                           text=True, timeout=600)
-    assert again.returncode == 0 and "already finished" in again.stdout
+    assert main(_train_args(data, tmp_path / "killed", 6)) == 0
+    assert "already finished" in capsys.readouterr().out
 
 
-def test_ctrl_c_is_one_line_and_resumable(data, tmp_path):
+def test_ctrl_c_is_one_line_and_resumable(data, tmp_path, capsys):
     """Ctrl-C (SIGINT right after step 3): a checkpoint at step 3, one line, exit 130; the same
     command then resumes from step 3 and finishes."""
-    env = dict(os.environ)
+    from addinov3_jax.commands.cli import main
+
     res = subprocess.run(_train_cmd(data, tmp_path, 3), capture_output=True, text=True, timeout=600,
-                         env=dict(env, **{test_hooks.SIGNAL_AFTER_STEP_ENV: "3:SIGINT"}))
+                         env=dict(os.environ, **{test_hooks.SIGNAL_AFTER_STEP_ENV: "3:SIGINT"}))
     assert res.returncode == 130, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert "interrupted at step 3 of 6; rerun the same command to resume" in res.stderr
     assert (tmp_path / "checkpoints" / "3").is_dir() and not (tmp_path / "model").exists()
-    again = subprocess.run(_train_cmd(data, tmp_path, 3), env=env, capture_output=True, text=True,
-                           timeout=600)
-    assert again.returncode == 0 and "resuming from step 3 of 6" in again.stdout, again.stderr[-2000:]
+    assert main(_train_args(data, tmp_path, 3)) == 0
+    assert "resuming from step 3 of 6" in capsys.readouterr().out
     assert (tmp_path / "model" / "model.json").is_file()
 
 

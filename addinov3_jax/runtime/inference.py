@@ -116,10 +116,11 @@ class Predictor:
         `valid` (b,), any other keys) is predicted on the mesh; yields the batch with the
         global batch's keys gathered to the host and `maps` / `scores` of its valid rows only
         (in the global order: process 0's rows first)."""
+        single = jax.process_count() == 1  # the local rows are the global batch
         for batch in batches:
             maps, scores = self(batch["image"], batch["class_id"], table, bank=bank)
-            rows = {k: distributed.gather(self.to_global(v)) for k, v in batch.items()
-                    if k not in ("image", "class_id")}
+            rows = {k: np.asarray(v) if single else distributed.gather(self.to_global(v))
+                    for k, v in batch.items() if k not in ("image", "class_id")}
             valid = rows["valid"].astype(bool)
             out = {k: v[valid] for k, v in rows.items()}
             out["maps"] = distributed.gather(maps)[valid].astype(np.float32)
