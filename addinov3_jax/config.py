@@ -132,7 +132,8 @@ HELD_OUT = ("weave", "carpet", "pill", "hexnut")
 
 
 def demo_config(arg: str = "") -> ml_collections.ConfigDict:
-    """The synthetic tiny run of `addinov3 demo` (`arg="quick"`: 2 epochs, for tests)."""
+    """The synthetic tiny run of `addinov3 demo` (`arg="quick"`: the same run at 64 px and 2
+    epochs, for tests)."""
     check_arg(arg, ("", "quick"), "configs/demo.py")
     c = base_config()
     c.model.backbone = "tiny"
@@ -163,6 +164,7 @@ def demo_config(arg: str = "") -> ml_collections.ConfigDict:
     c.eval.fewshot.fusion = "add"
     c.eval.fewshot.fusion_weight = 1.0
     if arg == "quick":  # for tests
+        c.data.image_size = 64
         c.train.epochs = 2
     return c
 

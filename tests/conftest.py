@@ -100,3 +100,24 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mixing_model_dir(tmp_path_factory):
+    """A tiny model directory whose blocks mix the tokens (the sharding and multi-process
+    evaluation tests compare metrics, which need scores that differ between images)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from addinov3_jax.io import model_dir as model_io
+    from addinov3_jax.models import clip_text, dinov3
+    from addinov3_jax.models import model as ad
+
+    backbone = dinov3.create("tiny", rngs=nnx.Rngs(0))
+    # LayerScale 1 instead of the 1e-5 init: the random blocks then mix the tokens, so that image
+    # scores differ between images (with 1e-5 they tie up to rounding and AUROC is noise).
+    for ls in (backbone.blocks.ls1, backbone.blocks.ls2):
+        ls.set_value(jnp.ones_like(ls[...]))
+    text = clip_text.create("tiny", rngs=nnx.Rngs(1))
+    model = ad.ADDinoV3(backbone, text, ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
+    return model_io.save(model, tmp_path_factory.mktemp("scale_model") / "model")

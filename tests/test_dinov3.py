@@ -275,27 +275,3 @@ def test_parity_cli_source(tmp_path, rng, capsys):
                  "--image-size", "48"]) == 0
     out = capsys.readouterr().out
     assert "block 2 (normed)" in out and "PASS" in out
-
-
-def test_vit7b_lowers_with_fsdp_mesh():
-    """vit7b16's parameters split over fsdp (and tensor), and its forward lowers on that mesh
-    from abstract shapes (no FLOPs, nothing allocated)."""
-    from addinov3_jax.models import sharding
-    from addinov3_jax.runtime import distributed
-
-    mesh = distributed.make_mesh(data=1, fsdp=8)
-    model = nnx.eval_shape(lambda: dinov3.create("vit7b16", rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
-    rules = sharding.DEFAULT_RULES
-    shard = sharding.state_shardings(state, mesh, rules)
-    kernel = shard["blocks"]["mlp"]["w1"]["kernel"].get_value()
-    assert kernel.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor"), kernel.spec
-    qkv = shard["blocks"]["attn"]["qkv"]["kernel"].get_value()
-    assert qkv.spec == jax.sharding.PartitionSpec(None, "fsdp", None, "tensor"), qkv.spec
-    x = jax.ShapeDtypeStruct((8, 224, 224, 3), jnp.float32,
-                             sharding=sharding.batch_sharding(mesh, rules, 4))
-    fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)["x_norm_clstoken"],
-                  in_shardings=(shard, x.sharding))
-    with sharding.use(mesh, rules):
-        text = fwd.lower(state, x).as_text()
-    assert "sharding" in text

@@ -1,6 +1,6 @@
 """Few-shot evaluation and prediction: shots=0 is the zero-shot path bitwise, references come from
 the train split only, the results schema (shots, seeds, per_seed, mean_std), the one-pass
-Predictor step, the config fields, and `predict --reference`."""
+Predictor step and `predict --reference` (the config fields: test_config)."""
 
 import json
 from pathlib import Path
@@ -12,7 +12,6 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from addinov3_jax import config as config_lib
 from addinov3_jax.data import readers
 from addinov3_jax.data.records import DataError
 from addinov3_jax.io import model_dir
@@ -129,33 +128,6 @@ def test_folder_dataset_refuses_test_images_as_references(tiny, tmp_path):
     with pytest.raises(DataError, match="shares 4 image"):
         evaluate.evaluate(tiny, [("folder", str(tmp_path / "data"))], tmp_path / "out", opts=OPTS,
                           fewshot_config=fewshot.FewShotConfig(shots=1))
-
-
-def test_config_fields(tmp_path):
-    c = config_lib.demo_config()
-    assert config_lib.fewshot_config(c).shots == 0
-    c.eval.shots, c.eval.shot_seeds = 4, (0, 1, 2)
-    c.eval.fewshot.fusion_weight = 2.0
-    fs = config_lib.fewshot_config(config_lib.validate(c))
-    assert (fs.shots, fs.seeds, fs.fusion_weight) == (4, (0, 1, 2), 2.0)
-    for field, value, match in (("augment", "mirror", "eval.fewshot.augment='mirror' is not one of"),
-                                ("coreset_ratio", 1.5, "eval.fewshot.coreset_ratio must be in"),
-                                ("smoothing_sigma", -1.0, "eval.fewshot.smoothing_sigma=-1.0")):
-        bad = config_lib.demo_config()
-        bad.eval.fewshot[field] = value
-        with pytest.raises(config_lib.ConfigError, match=match):
-            config_lib.validate(bad)
-    bad = config_lib.demo_config()
-    bad.eval.shot_seeds = ()
-    with pytest.raises(config_lib.ConfigError, match="eval.shot_seeds"):
-        config_lib.validate(bad)
-    from addinov3_jax.commands.cli import load_config
-
-    demo = str(Path(__file__).parents[1] / "configs" / "demo.py")
-    c = load_config(demo, ["--config.eval.shots=2", "--config.eval.shot_seeds=(0,1,2)"])
-    assert config_lib.fewshot_config(c).seeds == (0, 1, 2) and c.eval.shots == 2
-    with pytest.raises(config_lib.ConfigError, match="eval.shots"):
-        load_config(demo, ["--config.eval.shots=-1"])
 
 
 def test_predict_with_reference_folder(tiny, syn, tmp_path, capsys):

@@ -1,6 +1,8 @@
 """AD-DINOv3 head and model: upsampling, the whole forward against a PyTorch statement of the
 official computation, losses against the official formulas, gradients, adapter checkpoints."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from addinov3_jax.io import checkpoint_io, model_dir
+from addinov3_jax.io import checkpoint_io, model_dir, towers
 from addinov3_jax.models import clip_text, dinov3, losses
 from addinov3_jax.models import model as ad
 from weight_conversion import adapters as adapter_conv
@@ -248,3 +250,20 @@ def test_save_and_load_model_directory(tmp_path, rng):
     assert checkpoint_io.read(tmp_path / "m" / "backbone", "dinov3")[1]["variant"] == "tiny"
     with pytest.raises(checkpoint_io.CheckpointError, match="missing"):
         adapter_conv.official_to_params({"cls_token_adapter": {}}, source="bad.pth")
+
+
+def test_model_dir_records_the_trained_text_activation(tmp_path):
+    """A tower whose metadata says QuickGELU, trained with exact GELU: eval and predict must run
+    it with GELU again (model.json records it), unless told otherwise."""
+    backbone = dinov3.create("tiny", rngs=nnx.Rngs(0))
+    text = clip_text.create("tiny", activation="quick_gelu", rngs=nnx.Rngs(1))
+    model_dir.save(ad.ADDinoV3(text_tower=text, backbone=backbone, config=ad.HeadConfig(
+        feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2)), tmp_path / "towers")
+    model = ad.ADDinoV3(backbone, text, ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
+    model_dir.save(model, tmp_path / "model", text_tower=str(tmp_path / "towers" / "text_tower"),
+                   text_activation="gelu")
+    assert json.loads((tmp_path / "model" / "model.json").read_text())["text_activation"] == "gelu"
+    assert model_dir.load(tmp_path / "model").text_tower.config.activation == "gelu"
+    assert model_dir.load(tmp_path / "model", text_activation="quick_gelu").text_tower.config.activation \
+        == "quick_gelu"
+    assert towers.load_clip_text(str(tmp_path / "towers" / "text_tower")).config.activation == "quick_gelu"

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from addinov3_jax import config as config_lib
 from addinov3_jax import reporting
 from addinov3_jax.data import synthetic
 from addinov3_jax.runtime import evaluator as evaluate
@@ -158,13 +157,3 @@ def test_escaping_and_formatting():
     page = reporting.page("<script>", [reporting.table(["a"], [["<b>"]])])
     assert "<script>" not in page.split("<style>")[0] + page.split("</style>")[1]
     assert reporting.href(Path("/x/a b/c#.png"), "/x") == "a%20b/c%23.png"
-
-
-def test_calibration_config_field_is_validated():
-    c = config_lib.demo_config()
-    assert c.eval.calibration.false_alarm_rate == 0.0
-    c.eval.calibration.false_alarm_rate = 1.5
-    with pytest.raises(config_lib.ConfigError, match="eval.calibration.false_alarm_rate=1.5"):
-        config_lib.validate(c)
-
-

@@ -577,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dinov3", default=None, help="converted DINOv3 directory (optional)")
     p.add_argument("--clip-text", default=None, help="converted CLIP text directory (optional)")
-    p.add_argument("--quick", action="store_true", help="2 epochs (smoke test)")
+    p.add_argument("--quick", action="store_true", help="64 px, 2 epochs (a smoke test)")
     p.add_argument("--image-size", type=patch_multiple, default=None,
                    help="network input size, a multiple of 16 (default 128; real weights deserve 512)")
     p.set_defaults(run=_demo)
