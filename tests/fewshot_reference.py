@@ -3,6 +3,7 @@ unit-norm patch tokens of every view of the references, and its maps and scores.
 runs the same math through `runtime.inference.Predictor` on a mesh; tests compare the two."""
 
 import jax.numpy as jnp
+from flax import nnx
 
 from addinov3_jax.models import fewshot
 from addinov3_jax.models import model as ad
@@ -10,8 +11,12 @@ from addinov3_jax.models import model as ad
 
 def features(backbone, images_bhwc, layers):
     """Unit-norm final-normed patch tokens (L, B, N, D) of `layers`, in that order."""
-    return ad.l2_normalize(ad.extract_taps(backbone, jnp.asarray(images_bhwc, jnp.float32),
-                                           tuple(layers))[0])
+    return _features(backbone, jnp.asarray(images_bhwc, jnp.float32), tuple(layers))
+
+
+@nnx.jit(static_argnums=2)  # one program per shape (eagerly, every call would compile the scan)
+def _features(backbone, images_bhwc, layers):
+    return ad.l2_normalize(ad.extract_taps(backbone, images_bhwc, layers)[0])
 
 
 def build_bank(backbone, refs_khwc, layers, config, seed=0):

@@ -120,6 +120,26 @@ def _hf_cache(home: Path, repo: str, folder: Path) -> None:
     (base / "refs" / "main").write_text(commit)
 
 
+_RUN_COMMANDS = """import contextlib, io, json, sys
+from addinov3_jax.commands.cli import main
+done = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        done.append([main(argv), err.getvalue()])
+print(json.dumps(done))
+"""
+
+
+def _run_commands(env, commands):
+    """`addinov3 COMMAND...` one after the other in one new process with `env`: (exit code,
+    stderr) of each."""
+    res = subprocess.run([sys.executable, "-c", _RUN_COMMANDS, json.dumps(commands)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.splitlines()[-1])
+
+
 def test_hf_sources_offline_from_the_cache(hf_dirs, tmp_path):
     pytest.importorskip("huggingface_hub")
     home = tmp_path / "hf_home"
@@ -128,22 +148,21 @@ def test_hf_sources_offline_from_the_cache(hf_dirs, tmp_path):
     official_adapters(tmp_path / "99.pth")
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
-    exe = [sys.executable, "-m", "addinov3_jax.commands.cli"]
-    res = subprocess.run([*exe, "convert", "dinov3", "--source", "hf://facebook/dinov3-tiny-pretrain-lvd1689m",
-                          "--output", str(tmp_path / "bb")], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr
+    # huggingface_hub reads HF_HOME / HF_HUB_OFFLINE when imported: the three commands run in
+    # one fresh process with that environment (`_run_commands`).
+    (bb_rc, bb_err), (model_rc, model_err), (miss_rc, miss_err) = _run_commands(env, [
+        ["convert", "dinov3", "--source", "hf://facebook/dinov3-tiny-pretrain-lvd1689m",
+         "--output", str(tmp_path / "bb")],
+        ["convert", "model", "--dinov3", str(tmp_path / "bb"), "--clip-text", "hf://openai/clip-tiny",
+         "--adapters", str(tmp_path / "99.pth"), "--output", str(tmp_path / "model")],
+        ["convert", "clip-text", "--source", "hf://openai/not-cached", "--output", str(tmp_path / "x")],
+    ])
+    assert bb_rc == 0, bb_err
     meta = checkpoint_io.read_metadata(tmp_path / "bb", "dinov3")
     assert meta["source_path"] == "hf://facebook/dinov3-tiny-pretrain-lvd1689m"
     assert meta["variant"] == "tiny" and meta["source_format"] == "huggingface"
-    res = subprocess.run([*exe, "convert", "model", "--dinov3", str(tmp_path / "bb"), "--clip-text",
-                          "hf://openai/clip-tiny", "--adapters", str(tmp_path / "99.pth"), "--output",
-                          str(tmp_path / "model")], env=env, capture_output=True, text=True, timeout=300)
     # The official adapters tap blocks (5, 11, 17, 23): refused for the 4-block tiny backbone,
     # after both towers were read through the cache.
-    assert res.returncode == 2 and "do not exist in a 4-block backbone" in res.stderr, res.stderr
-    res = subprocess.run([*exe, "convert", "clip-text", "--source", "hf://openai/not-cached",
-                          "--output", str(tmp_path / "x")], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 2 and "cannot fetch from the Hugging Face hub" in res.stderr
-    assert "HF_HUB_OFFLINE is set" in res.stderr and res.stderr.count("\n") == 1
+    assert model_rc == 2 and "do not exist in a 4-block backbone" in model_err, model_err
+    assert miss_rc == 2 and "cannot fetch from the Hugging Face hub" in miss_err
+    assert "HF_HUB_OFFLINE is set" in miss_err and miss_err.count("\n") == 1

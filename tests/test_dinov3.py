@@ -45,14 +45,15 @@ def reference(model, x_bhwc):
 
 def assert_matches(model, ref_model, x, atol=1e-5):
     last, prenorm, hidden = reference(ref_model, x)
-    out = model(x)
+    # Jitted calls (eagerly, every call would compile the layer scan again); same numbers.
+    out = nnx.jit(lambda m, x: m(x))(model, x)
     np.testing.assert_allclose(out["x_norm_clstoken"], last[:, 0], atol=atol, rtol=0)
     np.testing.assert_allclose(out["x_storage_tokens"], last[:, 1:5], atol=atol, rtol=0)
     np.testing.assert_allclose(out["x_norm_patchtokens"], last[:, 5:], atol=atol, rtol=0)
     np.testing.assert_allclose(out["x_prenorm"], prenorm, atol=atol * max(1, np.abs(prenorm).max()),
                                rtol=0)
-    layers = model.get_intermediate_layers(x, n=len(hidden), return_class_token=True,
-                                           return_extra_tokens=True)
+    layers = nnx.jit(lambda m, x: m.get_intermediate_layers(
+        x, n=len(hidden), return_class_token=True, return_extra_tokens=True))(model, x)
     for (patches, cls, extra), ref in zip(layers, hidden, strict=True):
         np.testing.assert_allclose(cls, ref[:, 0], atol=atol, rtol=0)
         np.testing.assert_allclose(extra, ref[:, 1:5], atol=atol, rtol=0)
