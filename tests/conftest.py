@@ -121,3 +121,14 @@ def mixing_model_dir(tmp_path_factory):
     text = clip_text.create("tiny", rngs=nnx.Rngs(1))
     model = ad.ADDinoV3(backbone, text, ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
     return model_io.save(model, tmp_path_factory.mktemp("scale_model") / "model")
+
+
+# The longest files first: `make test` hands whole files to two workers in collection order, so
+# a long file collected last would run alone at the end while the other worker idles.
+LONGEST_FIRST = ("test_distributed.py", "test_evaluate.py", "test_sharding.py", "test_export.py",
+                 "test_checkpointing.py", "test_first_hour.py", "test_fewshot_eval.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
