@@ -23,6 +23,7 @@ import time
 import jax
 import numpy as np
 import torch
+from _timing import interleaved
 from flax import nnx
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
@@ -85,14 +86,7 @@ def main():
         sides = attention_core_sides(args, cfg, tokens)
     else:
         sides = forward_sides(args, cfg, ref, tokens)
-    for fn in sides.values():  # warm-up
-        fn()
-    times = {name: [] for name in sides}
-    for _ in range(args.reps):
-        for name, fn in sides.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    _, times = interleaved(sides, args.reps)
     theirs = list(sides)[-1]
     t_min, t_med = summary(times[theirs])
     for name, ts in times.items():

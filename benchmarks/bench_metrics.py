@@ -18,6 +18,7 @@ import time
 import tracemalloc
 
 import numpy as np
+from _timing import interleaved
 from scipy import ndimage
 
 from addinov3_jax import metrics
@@ -90,13 +91,7 @@ def main():
     t_gt = time.perf_counter() - t0
     sides = {"ours": lambda: metrics.pixel_metrics(masks, maps, ground_truth=gt)["aupro"],
              "reference": lambda: numpy_reference_aupro(masks, maps)}
-    values = {name: fn() for name, fn in sides.items()}  # warm-up: first touch of the memory
-    times = {name: [] for name in sides}
-    for _ in range(args.reps):
-        for name, fn in sides.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    values, times = interleaved(sides, args.reps)  # the warm-up is the first touch of the memory
     for name, ts in times.items():
         peak = peak_bytes(sides[name])
         print(f"{name:10s} min {min(ts):6.2f} s  median {statistics.median(ts):6.2f} s  "

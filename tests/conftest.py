@@ -92,16 +92,6 @@ def model_dir(tmp_path_factory, tiny):
     return path
 
 
-@pytest.fixture
-def free_port():
-    """A localhost TCP port nobody listens on now (the coordinator of multi-process tests)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def mixing_model_dir(tmp_path_factory):
     """A tiny model directory whose blocks mix the tokens (the sharding and multi-process

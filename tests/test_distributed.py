@@ -5,6 +5,7 @@ and evaluate to the same results."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -25,13 +26,16 @@ def one_process(train_data, tmp_path_factory):
     return runs.final_params(workdir)
 
 
+def _free_port() -> int:
+    """A localhost TCP port nobody listens on now (the coordinator of a multi-process run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _two_processes(train_data, workdir, *flags):
     """`addinov3 train` as two localhost processes with 4 CPU devices each (one 8-device mesh)."""
-    import socket
-
-    with socket.socket() as s:  # a free coordinator port for each run
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()  # a new coordinator port for each run
     procs = []
     for pid in range(2):
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -91,14 +95,14 @@ def _eval_cmd(workdir, eval_data, *extra):
             f"--config.eval.datasets.synthetic.classes={EVAL_CLASSES!r}", *extra]
 
 
-def test_two_process_eval_equals_one_process(mixing_model_dir, eval_data, tmp_path, free_port):
+def test_two_process_eval_equals_one_process(mixing_model_dir, eval_data, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     for w in (one, two):
         shutil.copytree(mixing_model_dir, w / "model")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     res = subprocess.run(_eval_cmd(one, eval_data), env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    port = free_port
+    port = _free_port()
     procs = []
     for pid in range(2):
         penv = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4",
