@@ -93,6 +93,24 @@ def model_dir(tmp_path_factory, tiny):
 
 
 @pytest.fixture(scope="session")
+def tiny_towers(tmp_path_factory):
+    """The demo's random tiny towers (backbone seed 0, text tower seed 1, as a run with seed 0
+    builds them) saved as converted directories `backbone/` and `text_tower/`. The training tests
+    pass them as `model.backbone` / `model.text_tower` (`runs.tiny_config(..., towers=)`): read
+    shard by shard on any mesh in 0.2 s, where the random init compiles for 3-4 s per tower on
+    every new mesh and in every new process. `test_train.py` keeps one run on random towers."""
+    from flax import nnx
+
+    from addinov3_jax.io import model_dir as model_io
+    from addinov3_jax.models import clip_text, dinov3
+    from addinov3_jax.models import model as ad
+
+    model = ad.ADDinoV3(dinov3.create("tiny", rngs=nnx.Rngs(0)), clip_text.create("tiny", rngs=nnx.Rngs(1)),
+                        ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
+    return model_io.save(model, tmp_path_factory.mktemp("tiny_towers") / "model")
+
+
+@pytest.fixture(scope="session")
 def mixing_model_dir(tmp_path_factory):
     """A tiny model directory whose blocks mix the tokens (the sharding and multi-process
     evaluation tests compare metrics, which need scores that differ between images)."""

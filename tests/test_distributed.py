@@ -19,10 +19,10 @@ EVAL_CLASSES = ("pill", "weave")  # conftest.EVAL_DATA
 
 
 @pytest.fixture(scope="module")
-def one_process(train_data, tmp_path_factory):
+def one_process(train_data, tiny_towers, tmp_path_factory):
     """The adapters of a 4-step run (2 epochs) on one process with 8 devices, no feature cache."""
     workdir = tmp_path_factory.mktemp("one_process")
-    train.train(runs.tiny_config(train_data, epochs=2, feature_cache="off"), workdir)
+    train.train(runs.tiny_config(train_data, tiny_towers, epochs=2, feature_cache="off"), workdir)
     return runs.final_params(workdir)
 
 
@@ -33,21 +33,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(train_data, workdir, *flags):
-    """`addinov3 train` as two localhost processes with 4 CPU devices each (one 8-device mesh)."""
-    port = _free_port()  # a new coordinator port for each run
+def _on_two_processes(args):
+    """`addinov3 ARGS --config.multihost=True` as two localhost processes with 4 CPU devices each
+    (one 8-device mesh, a new coordinator port for each run)."""
+    port = _free_port()
     procs = []
     for pid in range(2):
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                    JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
                    ADDINOV3_COORDINATOR=f"127.0.0.1:{port}", ADDINOV3_NUM_PROCESSES="2",
                    ADDINOV3_PROCESS_ID=str(pid))
-        cmd = runs.train_cmd(train_data, workdir, epochs=2) + ["--config.multihost=True", *flags]
+        cmd = [sys.executable, "-m", "addinov3_jax.commands.cli", *args, "--config.multihost=True"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
+
+
+def _two_processes(train_data, tiny_towers, workdir, *flags):
+    """`addinov3 train` of 2 epochs on two processes."""
+    _on_two_processes([*runs.train_args(train_data, tiny_towers, workdir, epochs=2), *flags])
 
 
 def _assert_same_model(got, ref, what):
@@ -60,35 +66,35 @@ def _assert_same_model(got, ref, what):
         assert dw <= 1e-6, (what, k, dw, scale)
 
 
-def test_two_processes_equal_one_process_cached_or_not(train_data, tmp_path, one_process):
+def test_two_processes_equal_one_process_cached_or_not(train_data, tiny_towers, tmp_path, one_process):
     """One 8-device mesh, two ways: 2 processes x 4 devices train the same model as 1 process x 8
     devices (one global order of examples; each process reads its rows of each global batch).
     Then 2 processes with a disk feature cache stop after step 3 (mid-epoch): their losses are
     bitwise those of the uncached run, and one process with a device cache resumes the checkpoint
     and ends at the uninterrupted one-process model."""
     live, cached = tmp_path / "live", tmp_path / "cached"
-    _two_processes(train_data, live, "--config.train.feature_cache=off")
+    _two_processes(train_data, tiny_towers, live, "--config.train.feature_cache=off")
     steps = [int(p.name) for p in (live / "checkpoints").iterdir() if p.name.isdigit()]
     assert max(steps) == 4 and (live / "model" / "model.json").is_file()
     rows = (live / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 4  # written by process 0 only
     _assert_same_model(runs.final_params(live), one_process, "2x4 vs 1x8")
 
-    _two_processes(train_data, cached, "--config.train.feature_cache=disk", "--config.train.stop_after=3")
+    _two_processes(train_data, tiny_towers, cached, "--config.train.feature_cache=disk",
+                   "--config.train.stop_after=3")
     assert (cached / "checkpoints" / "3").is_dir() and not (cached / "model").exists()
     for pid in range(2):
         assert (cached / "feature_cache" / f"process-{pid}-of-2" / "patches.npy").is_file()
     losses = [[json.loads(line)["loss"] for line in (w / "metrics.jsonl").read_text().splitlines()]
               for w in (live, cached)]
     assert losses[1] == losses[0][:3]  # cached == uncached, bitwise
-    rest = train.train(runs.tiny_config(train_data, epochs=2, feature_cache="device"), cached)
+    rest = train.train(runs.tiny_config(train_data, tiny_towers, epochs=2, feature_cache="device"), cached)
     assert rest["resumed_from"] == 3 and rest["steps"] == 4
     _assert_same_model(runs.final_params(cached), one_process, "2x4 cached, resumed 1x8 vs 1x8")
 
 
-def _eval_cmd(workdir, eval_data, *extra):
-    return [sys.executable, "-m", "addinov3_jax.commands.cli", "eval", "--config",
-            str(runs.REPO / "configs" / "demo.py"), "--workdir", str(workdir),
+def _eval_args(workdir, eval_data, *extra):
+    return ["eval", "--config", str(runs.REPO / "configs" / "demo.py"), "--workdir", str(workdir),
             "--config.data.image_size=64", "--config.eval.batch_size=8",
             "--config.eval.heatmaps_per_category=0", "--config.eval.curves=False",
             f"--config.eval.datasets.synthetic.root={eval_data}",
@@ -96,22 +102,13 @@ def _eval_cmd(workdir, eval_data, *extra):
 
 
 def test_two_process_eval_equals_one_process(mixing_model_dir, eval_data, tmp_path):
+    """`addinov3 eval` as 2 processes x 4 devices gives the results of this process (8 devices)."""
+    from addinov3_jax.commands.cli import main
+
     one, two = tmp_path / "one", tmp_path / "two"
     for w in (one, two):
         shutil.copytree(mixing_model_dir, w / "model")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    res = subprocess.run(_eval_cmd(one, eval_data), env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        penv = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                    ADDINOV3_COORDINATOR=f"127.0.0.1:{port}", ADDINOV3_NUM_PROCESSES="2",
-                    ADDINOV3_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen(_eval_cmd(two, eval_data, "--config.multihost=True"), env=penv,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    assert main(_eval_args(one, eval_data)) == 0
+    _on_two_processes(_eval_args(two, eval_data))
     runs.assert_same_results(json.loads((one / "results.json").read_text()),
-                 json.loads((two / "results.json").read_text()))
+                             json.loads((two / "results.json").read_text()))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import runs
 from PIL import Image
 
 from addinov3_jax import config as config_lib
@@ -91,22 +92,13 @@ def test_output_names_are_injective(tmp_path):
 
 # 3 -------------------------------------------------------------------------------------------
 
-def train_config(root, **train):
-    c = config_lib.demo_config()
-    c.data.root, c.data.classes, c.data.image_size = str(root), ("marble", "washer"), 64
-    c.train.epochs, c.train.log_every, c.train.checkpoint_every = 1, 1, 100
-    for k, v in train.items():
-        setattr(c.train, k, v)
-    return c
-
-
-def test_a_finished_workdir_refuses_another_run(train_data, tmp_path):
-    trainer.train(train_config(train_data), tmp_path)
-    other = train_config(train_data)
+def test_a_finished_workdir_refuses_another_run(train_data, tiny_towers, tmp_path):
+    trainer.train(runs.tiny_config(train_data, tiny_towers, epochs=1), tmp_path)
+    other = runs.tiny_config(train_data, tiny_towers, epochs=1)
     other.seed = 7
     with pytest.raises(ValueError, match="seed=0, this config has 7"):
         trainer.train(other, tmp_path)
-    assert trainer.train(train_config(train_data), tmp_path)["finished"]
+    assert trainer.train(runs.tiny_config(train_data, tiny_towers, epochs=1), tmp_path)["finished"]
 
 
 # 4 -------------------------------------------------------------------------------------------
@@ -228,7 +220,8 @@ def test_speed_is_measured_after_the_step_finished(monkeypatch):
 
 # 9 -------------------------------------------------------------------------------------------
 
-def test_a_full_disk_is_one_line_and_the_rerun_finishes(train_data, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_is_one_line_and_the_rerun_finishes(train_data, tiny_towers, tmp_path, monkeypatch,
+                                                        capsys):
     import safetensors.numpy
 
     real = safetensors.numpy.save_file
@@ -239,12 +232,14 @@ def test_a_full_disk_is_one_line_and_the_rerun_finishes(train_data, tmp_path, mo
     monkeypatch.setattr(safetensors.numpy, "save_file", full)
     work = tmp_path / "w"
     cfg_file = tmp_path / "cfg.py"
-    cfg_file.write_text(  # train_config above, as a config file
+    cfg_file.write_text(  # the demo config on train_data, as a config file
         "from addinov3_jax import config\n\n\ndef get_config():\n"
         "    c = config.demo_config()\n"
         f"    c.data.root, c.data.classes, c.data.image_size = {str(train_data)!r}, "
         "('marble', 'washer'), 64\n"
         "    c.train.epochs, c.train.log_every, c.train.checkpoint_every = 1, 1, 100\n"
+        f"    c.model.backbone = {str(tiny_towers / 'backbone')!r}\n"
+        f"    c.model.text_tower = {str(tiny_towers / 'text_tower')!r}\n"
         "    return c\n")
     argv = ["train", "--config", str(cfg_file), "--workdir", str(work)]
     assert main(argv) == 2

@@ -40,18 +40,18 @@ def test_parameter_shardings_match_golden():
     assert table == json.loads(GOLDEN.read_text())
 
 
-def _mesh_params(train_data, workdir, data_axis, fsdp=1, tensor=1):
-    cfg = runs.tiny_config(train_data, epochs=2, checkpoint_every=2)
+def _mesh_params(train_data, tiny_towers, workdir, data_axis, fsdp=1, tensor=1):
+    cfg = runs.tiny_config(train_data, tiny_towers, epochs=2, checkpoint_every=2)
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = data_axis, fsdp, tensor
     train.train(cfg, workdir)
     return runs.final_params(workdir)
 
 
-def test_fsdp_and_tensor_parallel_equal_data_parallel(train_data, tmp_path):
+def test_fsdp_and_tensor_parallel_equal_data_parallel(train_data, tiny_towers, tmp_path):
     """Same data, same steps: sharding the weights (fsdp, tensor) changes no result beyond 1e-6."""
-    ref = _mesh_params(train_data, tmp_path / "data8", 8)
+    ref = _mesh_params(train_data, tiny_towers, tmp_path / "data8", 8)
     for name, mesh in (("fsdp4_tensor2", (1, 4, 2)), ("fsdp8", (1, 8))):
-        got = _mesh_params(train_data, tmp_path / name, *mesh)
+        got = _mesh_params(train_data, tiny_towers, tmp_path / name, *mesh)
         for k, v in ref.items():
             np.testing.assert_allclose(got[k], v, atol=1e-6, rtol=0, err_msg=f"{name}: {k}")
 

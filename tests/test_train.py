@@ -13,6 +13,7 @@ from addinov3_jax.runtime import trainer as train
 
 
 def test_loss_decreases_and_one_compilation(train_data, tmp_path):
+    """On the random tiny towers, as the demo trains (the other training tests read them saved)."""
     cfg = runs.tiny_config(train_data, epochs=12, lr=3e-3, warmup_fraction=0.25)
     summary = train.train(cfg, tmp_path)
     assert summary["compilations"] == 1
@@ -26,10 +27,10 @@ def test_loss_decreases_and_one_compilation(train_data, tmp_path):
     assert (tmp_path / "model" / "model.json").is_file()
 
 
-def test_cached_equals_uncached(train_data, tmp_path):
+def test_cached_equals_uncached(train_data, tiny_towers, tmp_path):
     results = {}
     for mode in ("off", "device", "disk"):
-        train.train(runs.tiny_config(train_data, feature_cache=mode), tmp_path / mode)
+        train.train(runs.tiny_config(train_data, tiny_towers, feature_cache=mode), tmp_path / mode)
         results[mode] = runs.final_params(tmp_path / mode)
     for mode in ("device", "disk"):
         for k, v in results["off"].items():
@@ -37,13 +38,13 @@ def test_cached_equals_uncached(train_data, tmp_path):
     assert (tmp_path / "disk" / "feature_cache" / "patches.npy").is_file()
 
 
-def test_training_from_arrayrecord_equals_raw(train_data, tmp_path):
+def test_training_from_arrayrecord_equals_raw(train_data, tiny_towers, tmp_path):
     from addinov3_jax.data import tfds_builders
 
     tfds_builders.build("synthetic", train_data, tmp_path / "tfds")
-    raw = runs.tiny_config(train_data, epochs=2)
+    raw = runs.tiny_config(train_data, tiny_towers, epochs=2)
     raw.data.classes = ()  # the built dataset holds every class of the folder
-    stored = runs.tiny_config(train_data, epochs=2)
+    stored = runs.tiny_config(train_data, tiny_towers, epochs=2)
     stored.data.classes = ()
     stored.data.source = "tfds"
     stored.data.tfds_data_dir = str(tmp_path / "tfds")
