@@ -35,9 +35,10 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(BIN)/addinov3 demo
 
-# Two workers (one per core here), whole files per worker so module fixtures are built once.
+# Two workers (one per core here), whole files per worker so module fixtures are built once, in
+# the order of FILE_ORDER in tests/conftest.py.
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -124,18 +124,17 @@ def test_predict_on_mixed_size_folder(tiny, tmp_path):
     assert again.images[0]["score"] == pytest.approx(float(first["score"]), abs=1e-6)
 
 
-def test_demo_end_to_end_quick_with_converted_towers(tiny, tmp_path):
+def test_demo_end_to_end_quick_with_converted_towers(tiny_towers, tmp_path):
     """The whole demo (train, zero-shot trained / untrained, 1- and 4-shot over seeds, decisions,
     report) once, on towers given as converted directories (`--dinov3 DIR --clip-text DIR`): the
-    default run differs only in building its random tiny towers, as every training test does."""
+    default run differs only in building its random tiny towers (as `test_train.py`'s loss test
+    trains on them)."""
     from addinov3_jax.commands import demo
 
-    model_dir.save(tiny, tmp_path / "towers")  # converted backbone/ and text_tower/ directories
-    assert demo.run(workdir=str(tmp_path), quick=True,
-                    dinov3=str(tmp_path / "towers" / "backbone"),
-                    clip_text=str(tmp_path / "towers" / "text_tower")) == 0
+    assert demo.run(workdir=str(tmp_path), quick=True, dinov3=str(tiny_towers / "backbone"),
+                    clip_text=str(tiny_towers / "text_tower")) == 0
     spec = json.loads((tmp_path / "train" / "model" / "model.json").read_text())
-    assert spec["backbone"].endswith("towers/backbone")  # referenced, not copied
+    assert spec["backbone"] == str(tiny_towers / "backbone")  # referenced, not copied
     assert json.loads((tmp_path / "results.json").read_text())["config"]["model"][
         "class_name_source"] == "readable"
     for name in ("results.json", "results_untrained.json", "results.md", "demo_report.json"):
