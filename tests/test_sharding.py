@@ -56,9 +56,10 @@ def test_fsdp_and_tensor_parallel_equal_data_parallel(train_data, tiny_towers, t
             np.testing.assert_allclose(got[k], v, atol=1e-6, rtol=0, err_msg=f"{name}: {k}")
 
 
-def test_sharded_state_has_no_full_copies(train_data, tmp_path):
+def test_sharded_state_has_no_full_copies(train_data, tiny_towers, tmp_path):
     """With fsdp=8 every large backbone and adapter array lives in 8 shards and no device holds a
-    whole copy of any of them (live-buffer accounting on the simulated devices)."""
+    whole copy of any of them (live-buffer accounting on the simulated devices); the random init
+    drawn on the mesh is bitwise the eager one (`tiny_towers`, which the training tests read)."""
     import gc
 
     from addinov3_jax.runtime import setup
@@ -82,6 +83,11 @@ def test_sharded_state_has_no_full_copies(train_data, tmp_path):
     assert not whole, whole  # no unsharded copy was made while building
     for path, arr in sharded.items():
         assert {s.data.size for s in arr.addressable_shards} == {arr.size // 8}, path
+    eager = dict(nnx.to_flat_state(nnx.state(towers.load_dinov3(str(tiny_towers / "backbone")))))
+    drawn = dict(nnx.to_flat_state(nnx.state(backbone)))
+    assert drawn.keys() == eager.keys()
+    for path, var in drawn.items():
+        np.testing.assert_array_equal(var.get_value(), eager[path].get_value(), err_msg=str(path))
 
 
 def optax_adamw():
