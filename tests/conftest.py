@@ -69,9 +69,9 @@ def eval_data(synthetic_data):
     return synthetic_data(**EVAL_DATA)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """The tiny random AD-DINOv3 (backbone, text tower, adapters; taps 0-3) of the eval tests."""
+def tiny_model():
+    """The tiny random AD-DINOv3 (backbone seed 0, text tower seed 1, adapters seed 2; taps 0-3):
+    the towers a run with seed 0 builds from the demo config."""
     from flax import nnx
 
     from addinov3_jax.models import clip_text, dinov3
@@ -80,6 +80,12 @@ def tiny():
     backbone = dinov3.create("tiny", rngs=nnx.Rngs(0))
     text = clip_text.create("tiny", rngs=nnx.Rngs(1))
     return ad.ADDinoV3(backbone, text, ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """`tiny_model()` for the eval tests (one per test file: tests may change its adapters)."""
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")
@@ -94,20 +100,14 @@ def model_dir(tmp_path_factory, tiny):
 
 @pytest.fixture(scope="session")
 def tiny_towers(tmp_path_factory):
-    """The demo's random tiny towers (backbone seed 0, text tower seed 1, as a run with seed 0
-    builds them) saved as converted directories `backbone/` and `text_tower/`. The training tests
-    pass them as `model.backbone` / `model.text_tower` (`runs.tiny_config(..., towers=)`): read
-    shard by shard on any mesh in 0.2 s, where the random init compiles for 3-4 s per tower on
-    every new mesh and in every new process. `test_train.py` keeps one run on random towers."""
-    from flax import nnx
-
+    """`tiny_model()` saved as a model directory, whose converted `backbone/` and `text_tower/` the
+    training tests pass as `model.backbone` / `model.text_tower` (`runs.tiny_config(...,
+    towers=)`): read shard by shard on any mesh in 0.2 s, where the random init compiles for 3-4 s
+    per tower on every new mesh and in every new process. The random init on a mesh draws these
+    same weights (test_sharding.py); test_train.py keeps one run on random towers."""
     from addinov3_jax.io import model_dir as model_io
-    from addinov3_jax.models import clip_text, dinov3
-    from addinov3_jax.models import model as ad
 
-    model = ad.ADDinoV3(dinov3.create("tiny", rngs=nnx.Rngs(0)), clip_text.create("tiny", rngs=nnx.Rngs(1)),
-                        ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
-    return model_io.save(model, tmp_path_factory.mktemp("tiny_towers") / "model")
+    return model_io.save(tiny_model(), tmp_path_factory.mktemp("tiny_towers") / "model")
 
 
 @pytest.fixture(scope="session")
@@ -115,19 +115,14 @@ def mixing_model_dir(tmp_path_factory):
     """A tiny model directory whose blocks mix the tokens (the sharding and multi-process
     evaluation tests compare metrics, which need scores that differ between images)."""
     import jax.numpy as jnp
-    from flax import nnx
 
     from addinov3_jax.io import model_dir as model_io
-    from addinov3_jax.models import clip_text, dinov3
-    from addinov3_jax.models import model as ad
 
-    backbone = dinov3.create("tiny", rngs=nnx.Rngs(0))
+    model = tiny_model()
     # LayerScale 1 instead of the 1e-5 init: the random blocks then mix the tokens, so that image
     # scores differ between images (with 1e-5 they tie up to rounding and AUROC is noise).
-    for ls in (backbone.blocks.ls1, backbone.blocks.ls2):
+    for ls in (model.backbone.blocks.ls1, model.backbone.blocks.ls2):
         ls.set_value(jnp.ones_like(ls[...]))
-    text = clip_text.create("tiny", rngs=nnx.Rngs(1))
-    model = ad.ADDinoV3(backbone, text, ad.HeadConfig(feature_layers=(0, 1, 2, 3)), rngs=nnx.Rngs(2))
     return model_io.save(model, tmp_path_factory.mktemp("scale_model") / "model")
 
 

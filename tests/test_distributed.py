@@ -51,7 +51,7 @@ def _on_two_processes(args):
         assert p.returncode == 0, err[-3000:]
 
 
-def _two_processes(train_data, tiny_towers, workdir, *flags):
+def _train_on_two_processes(train_data, tiny_towers, workdir, *flags):
     """`addinov3 train` of 2 epochs on two processes."""
     _on_two_processes([*runs.train_args(train_data, tiny_towers, workdir, epochs=2), *flags])
 
@@ -73,15 +73,15 @@ def test_two_processes_equal_one_process_cached_or_not(train_data, tiny_towers, 
     bitwise those of the uncached run, and one process with a device cache resumes the checkpoint
     and ends at the uninterrupted one-process model."""
     live, cached = tmp_path / "live", tmp_path / "cached"
-    _two_processes(train_data, tiny_towers, live, "--config.train.feature_cache=off")
+    _train_on_two_processes(train_data, tiny_towers, live, "--config.train.feature_cache=off")
     steps = [int(p.name) for p in (live / "checkpoints").iterdir() if p.name.isdigit()]
     assert max(steps) == 4 and (live / "model" / "model.json").is_file()
     rows = (live / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 4  # written by process 0 only
     _assert_same_model(runs.final_params(live), one_process, "2x4 vs 1x8")
 
-    _two_processes(train_data, tiny_towers, cached, "--config.train.feature_cache=disk",
-                   "--config.train.stop_after=3")
+    _train_on_two_processes(train_data, tiny_towers, cached, "--config.train.feature_cache=disk",
+                            "--config.train.stop_after=3")
     assert (cached / "checkpoints" / "3").is_dir() and not (cached / "model").exists()
     for pid in range(2):
         assert (cached / "feature_cache" / f"process-{pid}-of-2" / "patches.npy").is_file()
