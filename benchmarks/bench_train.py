@@ -9,11 +9,11 @@ VisA test split from per-image costs measured in this run). Ours is the product'
 """
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import interleaved
 from flax import nnx
 
 from addinov3_jax import config as config_lib
@@ -56,15 +56,17 @@ def main(argv=None):
     images = rt.global_batch({"image": x}, {"image": 0})["image"]
     with sharding.use(mesh, rules):
         batch["patches"], batch["cls"] = features(bb_state, images)
-        state, _ = jax.block_until_ready(train_step(state, frozen, batch))  # compile
-        feat_s, head_s = [], []
-        for _ in range(1 if args.smoke else args.reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(features(bb_state, images))
-            feat_s.append((time.perf_counter() - t0) / b)
-            t0 = time.perf_counter()
+
+        def head_step():
+            nonlocal state
             state, terms = jax.block_until_ready(train_step(state, frozen, batch))
-            head_s.append((time.perf_counter() - t0) / b)
+            return terms
+
+        # one warm-up call of each (the compilation), then the timed calls
+        warm, times = interleaved({"features": lambda: jax.block_until_ready(features(bb_state, images)),
+                                   "head": head_step}, 1 if args.smoke else args.reps)
+        terms = warm["head"]
+        feat_s, head_s = ([t / b for t in times[k]] for k in ("features", "head"))
         t_feat, t_head = min(feat_s), min(head_s)
     if not np.isfinite(float(terms["loss"])):
         raise RuntimeError(f"train step loss is {float(terms['loss'])}")

@@ -5,12 +5,17 @@ documented JSON), in-process, so a benchmark that breaks is caught here."""
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def benchmark(name: str):
+    """`benchmarks/<name>.py` as a module, importing its neighbours (`_timing`, `_official`) as
+    `python benchmarks/<name>.py` does."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

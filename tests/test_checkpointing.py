@@ -4,6 +4,7 @@ of another run refused, the workdir lock, finished and unwritable workdirs."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 
@@ -77,8 +78,6 @@ def test_corrupt_checkpoint_falls_back(train_data, tiny_towers, tmp_path, capsys
         if f.is_file():
             f.write_bytes(b"garbage")
     cfg.train.epochs = 4  # continue past the corrupt checkpoint
-    import shutil
-
     shutil.rmtree(tmp_path / "model")
     summary = train.train(cfg, tmp_path)
     assert summary["resumed_from"] == steps[-2]
@@ -114,6 +113,6 @@ def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
 def test_checkpoints_of_another_run_are_refused(train_data, tiny_towers, tmp_path):
     train.train(runs.tiny_config(train_data, tiny_towers, epochs=1, stop_after=1), tmp_path)
     other = runs.tiny_config(train_data, tiny_towers, epochs=1)
-    other.model.feature_layers = (0, 1, 2, 2 + 1)[::-1]
+    other.model.feature_layers = (3, 2, 1, 0)
     with pytest.raises(ValueError, match="model.feature_layers"):
         train.train(other, tmp_path)

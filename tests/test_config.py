@@ -1,14 +1,11 @@
 """The config: validated at load with one-line errors (unknown keys, types, enums, meshes,
 sizes, taps), mesh rules, the few-shot and calibration fields."""
 
-from pathlib import Path
-
 import pytest
+import runs
 
 from addinov3_jax import config as config_lib
 from addinov3_jax.models import sharding
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -24,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bad_config_is_one_clear_line(args, fragments, tmp_path, capsys):
     from addinov3_jax.commands import cli
 
-    rc = cli.main(["train", "--config", str(REPO / "configs" / "demo.py"), "--workdir",
+    rc = cli.main(["train", "--config", str(runs.REPO / "configs" / "demo.py"), "--workdir",
                    str(tmp_path / "w"), *args])
     err = capsys.readouterr().err
     assert rc != 0
@@ -72,7 +69,7 @@ def test_fewshot_fields(tmp_path):
         config_lib.validate(bad)
     from addinov3_jax.commands.cli import load_config
 
-    demo = str(Path(__file__).parents[1] / "configs" / "demo.py")
+    demo = str(runs.REPO / "configs" / "demo.py")
     c = load_config(demo, ["--config.eval.shots=2", "--config.eval.shot_seeds=(0,1,2)"])
     assert config_lib.fewshot_config(c).seeds == (0, 1, 2) and c.eval.shots == 2
     with pytest.raises(config_lib.ConfigError, match="eval.shots"):

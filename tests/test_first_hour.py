@@ -23,9 +23,6 @@ from addinov3_jax.io import workdir as workdir_io
 from addinov3_jax.models import model as ad
 from addinov3_jax.runtime import evaluator, trainer
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 
 def picture(path: Path, size=(40, 30), seed=0, **save) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -275,7 +272,7 @@ def test_bad_numbers_are_argparse_errors(model_dir, tmp_path, capsys, flag, valu
 
 
 def test_config_mistakes_are_one_readable_line(monkeypatch):
-    monkeypatch.chdir(REPO)
+    monkeypatch.chdir(runs.REPO)
     with pytest.raises(config_lib.ConfigError) as e:
         load_config("configs/demo.py", ["--config.train.batchsize=3"])
     assert "\\n" not in str(e.value) and "\\'" not in str(e.value)
@@ -333,10 +330,10 @@ def test_demo_config_from_anywhere_and_its_docs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config("configs/demo.py", [])  # not in the repository root
     assert tuple(cfg.data.classes) == config_lib.AUXILIARY
-    doc = (REPO / "configs" / "demo.py").read_text()
+    doc = (runs.REPO / "configs" / "demo.py").read_text()
     assert f"{len(config_lib.AUXILIARY)} synthetic categories" in doc
     assert f"{len(config_lib.HELD_OUT)} held-out" in doc
-    readme = (REPO / "README.md").read_text()
+    readme = (runs.REPO / "README.md").read_text()
     assert "train/model" in readme and "--class-name object" in readme
 
 

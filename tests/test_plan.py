@@ -3,16 +3,15 @@ allocated): parameters, train state, the feature / train / predict steps and ran
 over the devices."""
 
 import json
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import runs
 
 
 def test_plan_vit7b_fsdp8_splits_the_parameters(capsys):
     """`addinov3 plan` for vit7b16 on 8 devices (fsdp=8), from abstract shapes only."""
     from addinov3_jax.commands.cli import main
 
-    assert main(["plan", "--config", str(REPO / "configs" / "train_visa.py"), "--json",
+    assert main(["plan", "--config", str(runs.REPO / "configs" / "train_visa.py"), "--json",
                  "--config.model.backbone=vit7b16", "--config.mesh.data=1", "--config.mesh.fsdp=8",
                  "--config.train.batch_size=64", "--config.data.image_size=512"]) == 0
     p = json.loads(capsys.readouterr().out)
